@@ -1,0 +1,26 @@
+"""Unit tests of batch coalescing: last action per key wins, order per key kept."""
+
+from __future__ import annotations
+
+from worker.actions import Evict, Refresh, coalesce
+
+
+def test_coalesce_keeps_last_action_per_key_in_order_of_last_action():
+    actions = [
+        Refresh("a", "1", 1000, 1),
+        Refresh("b", "1", 1000, 1),
+        Evict("a", version=2),
+        Refresh("c", "1", 1000, 2),
+        Refresh("b", "2", 1000, 3),
+    ]
+    assert coalesce(actions) == [
+        Evict("a", version=2),
+        Refresh("c", "1", 1000, 2),
+        Refresh("b", "2", 1000, 3),
+    ]
+
+
+def test_coalesce_empty_and_distinct():
+    assert coalesce([]) == []
+    distinct = [Evict(str(i)) for i in range(5)]
+    assert coalesce(distinct) == distinct

@@ -1,0 +1,158 @@
+"""Unit tests of rule semantics: keys, key moves, watch, when, formats, TTL and NULL keys."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from worker.actions import Evict, Refresh
+from worker.events import Op, RowChange, TableRef
+from worker.rules import KeyTemplate, Rule, RuleSet
+
+USERS = TableRef("shop", "users")
+ORDERS = TableRef("shop", "orders")
+
+
+def change(op: Op, before=None, after=None, version=7, table=USERS) -> RowChange:
+    return RowChange(op, table, before, after, version)
+
+
+def rule(**kw) -> Rule:
+    defaults = dict(name="r", table=USERS, keys=(KeyTemplate.parse("user:{id}"),), jitter=0.0)
+    defaults.update(kw)
+    return Rule(**defaults)
+
+
+def test_template_renders_columns_and_literal_braces():
+    t = KeyTemplate.parse("{{tenant:{tenant}}}:user:{id}")
+    assert t.columns == ("tenant", "id")
+    assert t.render({"tenant": "acme", "id": 42}) == "{tenant:acme}:user:42"
+
+
+@pytest.mark.parametrize(
+    "text", ["user", "user:{}", "user:{id.name}", "user:{id[0]}", "user:{id!r}", "user:{id:>5}", "user:{id"]
+)
+def test_bad_templates_are_rejected(text):
+    with pytest.raises(ValueError):
+        KeyTemplate.parse(text)
+
+
+def test_insert_refreshes_with_json_value_ttl_and_version():
+    r = rule(ttl_ms=60_000)
+    [action] = r.actions_for(change(Op.INSERT, after={"id": 1, "name": "Ann"}))
+    assert isinstance(action, Refresh)
+    assert action.key == "user:1"
+    assert json.loads(action.value) == {"id": 1, "name": "Ann"}
+    assert action.ttl_ms == 60_000
+    assert action.version == 7
+
+
+def test_several_key_templates_per_rule():
+    r = rule(keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")))
+    actions = r.actions_for(change(Op.INSERT, after={"id": 1, "email": "a@x"}))
+    assert [a.key for a in actions] == ["user:1", "user:email:a@x"]
+
+
+def test_update_moving_key_column_evicts_old_and_refreshes_new():
+    r = rule(keys=(KeyTemplate.parse("user:email:{email}"),))
+    actions = r.actions_for(
+        change(Op.UPDATE, before={"id": 1, "email": "old@x"}, after={"id": 1, "email": "new@x"})
+    )
+    assert [(type(a).__name__, a.key) for a in actions] == [
+        ("Evict", "user:email:old@x"),
+        ("Refresh", "user:email:new@x"),
+    ]
+
+
+def test_evict_rule_acts_on_old_and_new_key():
+    r = rule(table=ORDERS, keys=(KeyTemplate.parse("user:{user_id}:orders"),), action="evict")
+    actions = r.actions_for(
+        change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 2}, table=ORDERS)
+    )
+    assert actions == [Evict("user:1:orders", "r", 7), Evict("user:2:orders", "r", 7)]
+    same = r.actions_for(change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 1}, table=ORDERS))
+    assert same == [Evict("user:1:orders", "r", 7)]
+
+
+def test_delete_under_refresh_rule_evicts():
+    r = rule()
+    assert r.actions_for(change(Op.DELETE, before={"id": 3})) == [Evict("user:3", "r", 7)]
+
+
+def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves():
+    r = rule(watch=frozenset({"name"}))
+    unwatched = change(Op.UPDATE, {"id": 1, "name": "a", "seen": 1}, {"id": 1, "name": "a", "seen": 2})
+    assert r.actions_for(unwatched) == []
+    watched = change(Op.UPDATE, {"id": 1, "name": "a"}, {"id": 1, "name": "b"})
+    assert [a.key for a in r.actions_for(watched)] == ["user:1"]
+    moved = change(Op.UPDATE, {"id": 1, "name": "a"}, {"id": 2, "name": "a"})
+    assert [(type(a).__name__, a.key) for a in r.actions_for(moved)] == [
+        ("Evict", "user:1"),
+        ("Refresh", "user:2"),
+    ]
+    # Inserts and deletes are not filtered by watch.
+    assert r.actions_for(change(Op.INSERT, after={"id": 9, "name": "z"}))
+    assert r.actions_for(change(Op.DELETE, before={"id": 9, "name": "z"}))
+
+
+def test_when_filter_enters_and_leaves():
+    r = rule(when={"status": "active"})
+    assert r.actions_for(change(Op.INSERT, after={"id": 1, "status": "banned"})) == []
+    leave = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "active"}, {"id": 1, "status": "banned"}))
+    assert leave == [Evict("user:1", "r", 7)]
+    enter = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "banned"}, {"id": 1, "status": "active"}))
+    assert [type(a) for a in enter] == [Refresh]
+    neither = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "x"}, {"id": 1, "status": "y"}))
+    assert neither == []
+
+
+def test_when_matches_types_and_lists():
+    r = rule(when={"active": True, "tier": (1, 2), "price": 9.5})
+    row = {"id": 1, "active": 1, "tier": 2, "price": Decimal("9.50")}
+    assert r.passes(row)
+    assert not r.passes({**row, "active": 0})
+    assert not r.passes({**row, "tier": 3})
+    assert not r.passes({**row, "price": None})
+
+
+def test_columns_projection_and_hash_format():
+    r = rule(columns=("id", "name", "gone"), format="hash")
+    [action] = r.actions_for(change(Op.INSERT, after={"id": 1, "name": "Ann", "secret": "x", "bio": None}))
+    assert isinstance(action, Refresh)
+    assert action.value == (("id", "1"), ("name", "Ann"))
+
+
+def test_null_key_column_skips_that_key_only():
+    r = rule(keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")))
+    actions = r.actions_for(change(Op.INSERT, after={"id": 1, "email": None}))
+    assert [a.key for a in actions] == ["user:1"]
+
+
+def test_ttl_jitter_only_shortens_within_bound():
+    r = rule(ttl_ms=100_000, jitter=0.2)
+    ttls = {r.ttl_for_write() for _ in range(200)}
+    assert all(80_000 <= t <= 100_000 for t in ttls)
+    assert len(ttls) > 1
+
+
+def test_ruleset_routes_by_table_and_reports_missing_columns():
+    users = rule(name="u", index=0)
+    orders = rule(name="o", table=ORDERS, keys=(KeyTemplate.parse("user:{usr_id}:orders"),), action="evict", index=1)
+    rs = RuleSet([users, orders])
+    assert rs.actions_for(change(Op.INSERT, after={"id": 1}, table=TableRef("shop", "other"))) == []
+    assert [a.key for a in rs.actions_for(change(Op.INSERT, after={"id": 1}))] == ["user:1"]
+    problems = rs.problems_with_columns({USERS: ["id", "name"], ORDERS: ["id", "user_id"]})
+    assert problems == [
+        "rules[1].keys[0]: template 'user:{usr_id}:orders' names column 'usr_id', "
+        "which table shop.orders does not have"
+    ]
+    assert rs.problems_with_columns({USERS: None, ORDERS: ["usr_id"]}) == [
+        "rules[0].table: table shop.users does not exist (rule 'u')"
+    ]
+
+
+def test_truncate_produces_no_actions():
+    rs = RuleSet([rule()])
+    assert rs.actions_for(change(Op.TRUNCATE)) == []

@@ -1,0 +1,147 @@
+"""Unit tests of the run loop with in-memory doubles: batching, checkpoints, retries, stopping."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from connectors.memory import MemoryCheckpointStore, MemorySink, MemorySource
+from worker.errors import ConfigError, PositionLost
+from worker.events import Heartbeat, Op, Position, RowChange, TableRef, Transaction
+from worker.rules import KeyTemplate, Rule, RuleSet
+from worker.runner import Runner, RunOptions
+
+USERS = TableRef("shop", "users")
+COLUMNS = {USERS: ["id", "name"]}
+
+
+def rules() -> RuleSet:
+    return RuleSet([Rule("u", USERS, (KeyTemplate.parse("user:{id}"),), jitter=0.0)])
+
+
+def tx(version: int, *rows: tuple[Op, dict | None, dict | None]) -> Transaction:
+    changes = [RowChange(op, USERS, before, after, version) for op, before, after in rows]
+    return Transaction(changes, Position(version, {"i": version}), committed_at=time.time())
+
+
+def ins(i: int, name: str = "n") -> tuple[Op, None, dict]:
+    return (Op.INSERT, None, {"id": i, "name": name})
+
+
+def make(items, **opts):
+    source = MemorySource(items, COLUMNS)
+    sink = MemorySink()
+    store = MemoryCheckpointStore()
+    options = RunOptions(batch_max_delay_s=0.001, progress_interval_s=3600, **opts)
+    return source, sink, store, Runner(source, sink, store, rules(), options)
+
+
+def test_applies_until_idle_and_checkpoints_last_position():
+    source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2, "b")), tx(30, ins(1, "c"))], until_idle=True)
+    stats = runner.run()
+    assert stats.transactions == 3 and stats.rows == 3
+    assert sink.values == {"user:1": '{"id":1,"name":"c"}', "user:2": '{"id":2,"name":"b"}'}
+    assert store.position.version == 30
+    assert source.acked[-1].version == 30
+
+
+def test_initial_position_is_saved_before_reading():
+    source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
+    source.initial = Position(5, {"i": 5})
+    runner.run()
+    assert store.saves[0].version == 5
+    assert source.started_from.version == 5
+
+
+def test_resumes_after_checkpoint_without_replaying_earlier():
+    source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2))], until_idle=True)
+    store.position = Position(10, {"i": 10})
+    runner.run()
+    assert set(sink.values) == {"user:2"}
+
+
+def test_max_transactions_burst_stops_after_n():
+    source, sink, store, runner = make([tx(v, ins(v)) for v in range(1, 11)], max_transactions=4)
+    stats = runner.run()
+    assert stats.transactions == 4
+    assert store.position.version == 4
+    assert set(sink.values) == {f"user:{i}" for i in range(1, 5)}
+
+
+def test_sink_failures_are_retried_and_never_advance_checkpoint_early():
+    source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
+    sink.fail_next = 3
+    saves_during_failure = []
+    real_apply = sink.apply
+
+    def apply(actions):
+        saves_during_failure.append(store.position.version if store.position else None)
+        real_apply(actions)
+
+    sink.apply = apply
+    runner.run()
+    assert sink.values == {"user:1": '{"id":1,"name":"n"}'}
+    # Every failed attempt saw only the initial checkpoint (version 0), never 10.
+    assert saves_during_failure == [0, 0, 0, 0]
+    assert store.position.version == 10
+
+
+def test_large_batch_is_coalesced_into_few_applies():
+    items = [tx(v, ins(v % 3, str(v))) for v in range(1, 301)]
+    source, sink, store, runner = make(items, until_idle=True)
+    runner.run()
+    assert sink.values["user:0"] == '{"id":0,"name":"300"}'
+    assert sum(len(batch) for batch in sink.applied) < 300
+
+
+def test_chunked_transaction_checkpoints_only_at_its_end():
+    chunk1 = Transaction([RowChange(Op.INSERT, USERS, None, {"id": 1, "name": "a"}, 50)], None)
+    chunk2 = Transaction([RowChange(Op.INSERT, USERS, None, {"id": 2, "name": "b"}, 50)], Position(60, {}))
+    source, sink, store, runner = make([chunk1, chunk2], until_idle=True, batch_max_transactions=1)
+    runner.run()
+    assert [p.version for p in store.saves] == [0, 60]
+
+
+def test_heartbeat_moves_checkpoint_past_irrelevant_log():
+    source, sink, store, runner = make([tx(10, ins(1)), Heartbeat(Position(99, {}), caught_up=False)], until_idle=True)
+    runner.run()
+    assert store.position.version == 99
+
+
+def test_missing_column_stops_with_config_error():
+    source = MemorySource([], {USERS: ["id"]})
+    bad = RuleSet([Rule("u", USERS, (KeyTemplate.parse("user:{uid}"),))])
+    runner = Runner(source, MemorySink(), MemoryCheckpointStore(), bad, RunOptions(until_idle=True))
+    with pytest.raises(ConfigError, match=r"rules\[0\].keys\[0\]: template 'user:\{uid\}' names column 'uid'"):
+        runner.run()
+
+
+def test_fatal_source_error_applies_what_came_before_then_raises():
+    class FailingSource(MemorySource):
+        def stream(self, start):
+            yield tx(10, ins(1))
+            raise PositionLost("binlog purged")
+
+    source = FailingSource([], COLUMNS)
+    sink, store = MemorySink(), MemoryCheckpointStore()
+    runner = Runner(source, sink, store, rules(), RunOptions(batch_max_delay_s=0.01))
+    with pytest.raises(PositionLost):
+        runner.run()
+    assert "user:1" in sink.values
+    assert store.position.version == 10
+
+
+def test_request_stop_finishes_batch_and_returns():
+    source, sink, store, runner = make([tx(10, ins(1))])
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while store.position is None or store.position.version != 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    runner.request_stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert source._closed.is_set()

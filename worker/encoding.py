@@ -1,0 +1,93 @@
+"""How row values become cache payloads and key parts: faithful, language-neutral encodings.
+
+One table of rules for every source, so a web tier in any language decodes what it reads:
+DECIMAL as an exact decimal string, DATETIME/DATE/TIME as ISO 8601, JSON columns as JSON,
+binary as base64, NULL as JSON ``null`` (in a hash: the field is absent), sets as sorted lists.
+The functions here are on the hot path and keep to the standard library's C JSON encoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+
+def format_timedelta(value: dt.timedelta) -> str:
+    """A MySQL TIME as ``[-]HH:MM:SS[.ffffff]``; hours may exceed 24 as MySQL allows."""
+    sign = "-" if value < dt.timedelta(0) else ""
+    value = abs(value)
+    total_seconds = value.days * 86400 + value.seconds
+    hours, rest = divmod(total_seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"{sign}{hours:02d}:{minutes:02d}:{seconds:02d}"
+    if value.microseconds:
+        text += f".{value.microseconds:06d}"
+    return text
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # A string keeps every digit; a JSON number would be rounded by most parsers.
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return format_timedelta(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot encode a value of type {type(value).__name__}")
+
+
+def _replace_non_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _replace_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_non_finite(v) for v in value]
+    return value
+
+
+_encoder = json.JSONEncoder(
+    default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+)
+
+
+def encode_json(row: Mapping[str, Any]) -> str:
+    """The row as compact JSON text (UTF-8 characters kept, not escaped)."""
+    try:
+        return _encoder.encode(row)
+    except ValueError:
+        # NaN and infinities are not JSON; Postgres floats can hold them, so spell them out.
+        return _encoder.encode(_replace_non_finite(dict(row)))
+
+
+def scalar_text(value: Any) -> str:
+    """A single non-NULL value as text, for hash fields and key parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict | list | tuple):
+        return encode_json(value) if isinstance(value, dict) else _encoder.encode(list(value))
+    encoded = _json_default(value)
+    return encoded if isinstance(encoded, str) else _encoder.encode(encoded)
+
+
+def encode_hash(row: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The row as hash field/value pairs; a NULL column is left out (HGET answers nil)."""
+    return tuple((name, scalar_text(value)) for name, value in row.items() if value is not None)

@@ -1,0 +1,301 @@
+"""Rules: compiled from settings, they turn one ``RowChange`` into the ``CacheAction``s it implies.
+
+A ``Rule`` knows its table, key templates, action (refresh or evict), payload format, projected
+columns, watched columns, TTL with jitter and ``when`` filter. ``RuleSet`` indexes rules by table
+so the hot path is one dict lookup per change. No I/O happens here; checking that the columns a
+rule names exist is ``RuleSet.problems_with_columns``, fed by the source.
+
+Semantics, per rule:
+- INSERT: refresh (or evict) the keys of the new row, when it passes ``when``.
+- UPDATE: keys of the old row that the new row no longer has (a key column moved, or the row left
+  the ``when`` filter) are evicted; the new row's keys are refreshed (evict rules evict both).
+  With ``watch`` set, an UPDATE that changed no watched column and moved no key does nothing.
+- DELETE: the old row's keys are evicted, whatever the action.
+- A NULL in a key column skips that key with a warning.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import structlog
+
+from worker.actions import CacheAction, Evict, Refresh
+from worker.encoding import encode_hash, encode_json, scalar_text
+from worker.events import Op, Row, RowChange, TableRef
+
+log = structlog.get_logger("cache_worker.rules")
+
+Action = Literal["refresh", "evict"]
+Format = Literal["json", "hash"]
+WhenValue = str | int | float | bool
+_NULL_WARNING_EVERY = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTemplate:
+    """A key template such as ``user:{id}``; ``{{`` and ``}}`` stand for literal braces."""
+
+    text: str
+    columns: tuple[str, ...]
+    _format: str
+
+    @classmethod
+    def parse(cls, text: str) -> KeyTemplate:
+        """Compile ``text``; raises ValueError saying what is wrong with it."""
+        if not text:
+            raise ValueError("key template is empty")
+        columns: list[str] = []
+        pieces: list[str] = []
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ValueError(f"template {text!r} is malformed: {exc}") from None
+        for literal, name, spec, conversion in parsed:
+            pieces.append(literal.replace("{", "{{").replace("}", "}}"))
+            if name is None:
+                continue
+            if not name or not _is_column_name(name):
+                raise ValueError(
+                    f"template {text!r} has {{{name}}}: a placeholder must be a column name"
+                )
+            if spec or conversion:
+                raise ValueError(f"template {text!r}: placeholders take no format or conversion")
+            pieces.append("{" + str(len(columns)) + "}")
+            columns.append(name)
+        if not columns:
+            raise ValueError(f"template {text!r} names no column: every row would share one key")
+        return cls(text, tuple(columns), "".join(pieces))
+
+    def render(self, row: Row) -> str | None:
+        """The key for ``row``, or None when a key column is NULL or absent."""
+        parts = []
+        for name in self.columns:
+            value = row.get(name)
+            if value is None:
+                return None
+            parts.append(scalar_text(value))
+        return self._format.format(*parts)
+
+
+def _is_column_name(name: str) -> bool:
+    # Attribute or index access ("{a.b}", "{a[0]}") would silently read Python internals.
+    return not any(ch in name for ch in ".[]!:")
+
+
+def parse_when(value: WhenValue | Sequence[WhenValue]) -> frozenset[Any] | Any:
+    """A ``when`` value: one value, or a list meaning any of them."""
+    return value
+
+
+def _matches_one(actual: Any, expected: WhenValue) -> bool:
+    if actual is None:
+        return False
+    if isinstance(expected, bool):
+        if isinstance(actual, bool | int):
+            return bool(actual) is expected
+        return scalar_text(actual) == ("true" if expected else "false")
+    if isinstance(expected, int | float):
+        if isinstance(actual, bool):
+            return False
+        if isinstance(actual, int | float):
+            return actual == expected
+        try:
+            return Decimal(scalar_text(actual)) == Decimal(str(expected))
+        except InvalidOperation:
+            return False
+    return scalar_text(actual) == expected
+
+
+@dataclass(slots=True)
+class Rule:
+    """One declared mapping from a table's rows to cache keys."""
+
+    name: str
+    table: TableRef
+    keys: tuple[KeyTemplate, ...]
+    action: Action = "refresh"
+    format: Format = "json"
+    columns: tuple[str, ...] | None = None
+    watch: frozenset[str] | None = None
+    ttl_ms: int = 3_600_000
+    jitter: float = 0.1
+    when: Mapping[str, WhenValue | tuple[WhenValue, ...]] = field(default_factory=dict)
+    index: int = 0
+    _null_skips: int = 0
+
+    def named_columns(self) -> dict[str, set[str]]:
+        """Every column this rule names, by where it names it (for schema checks)."""
+        named: dict[str, set[str]] = {}
+        for i, template in enumerate(self.keys):
+            for column in template.columns:
+                named.setdefault(column, set()).add(f"keys[{i}]")
+        for column in self.columns or ():
+            named.setdefault(column, set()).add("columns")
+        for column in self.watch or ():
+            named.setdefault(column, set()).add("watch")
+        for column in self.when:
+            named.setdefault(column, set()).add("when")
+        return named
+
+    def passes(self, row: Row | None) -> bool:
+        if row is None:
+            return False
+        for column, expected in self.when.items():
+            actual = row.get(column)
+            if isinstance(expected, tuple):
+                if not any(_matches_one(actual, e) for e in expected):
+                    return False
+            elif not _matches_one(actual, expected):
+                return False
+        return True
+
+    def keys_of(self, row: Row) -> list[str]:
+        keys = []
+        for template in self.keys:
+            key = template.render(row)
+            if key is None:
+                self._warn_null_key(template)
+                continue
+            keys.append(key)
+        return keys
+
+    def _warn_null_key(self, template: KeyTemplate) -> None:
+        self._null_skips += 1
+        # Nullable key columns are common (orders.coupon_id); one line per thousand keeps the
+        # warning visible without flooding the log.
+        if self._null_skips % _NULL_WARNING_EVERY == 1:
+            log.warning(
+                "key_skipped_null_column",
+                rule=self.name,
+                template=template.text,
+                columns=list(template.columns),
+                skipped_total=self._null_skips,
+            )
+
+    def ttl_for_write(self) -> int:
+        if self.jitter <= 0:
+            return self.ttl_ms
+        # Jitter only shortens, so the declared TTL is an upper bound on staleness by expiry.
+        return max(1, int(self.ttl_ms * (1.0 - self.jitter * random.random())))
+
+    def payload(self, row: Row) -> str | tuple[tuple[str, str], ...]:
+        if self.columns is not None:
+            row = {c: row[c] for c in self.columns if c in row}
+        return encode_json(row) if self.format == "json" else encode_hash(row)
+
+    def _watched_changed(self, before: Row, after: Row) -> bool:
+        assert self.watch is not None
+        return any(before.get(c) != after.get(c) for c in self.watch)
+
+    def actions_for(self, change: RowChange) -> list[CacheAction]:
+        op = change.op
+        before = change.before if self.passes(change.before) else None
+        after = change.after if op is not Op.DELETE and self.passes(change.after) else None
+        old_keys = self.keys_of(before) if before is not None else []
+        new_keys = self.keys_of(after) if after is not None else []
+
+        if (
+            op is Op.UPDATE
+            and self.watch is not None
+            and change.before is not None
+            and change.after is not None
+            and old_keys == new_keys
+            and (before is None) == (after is None)
+            and not self._watched_changed(change.before, change.after)
+        ):
+            return []
+
+        version = change.version
+        actions: list[CacheAction] = []
+        if self.action == "evict" or after is None:
+            seen: set[str] = set()
+            for key in (*old_keys, *new_keys):
+                if key not in seen:
+                    seen.add(key)
+                    actions.append(Evict(key, self.name, version))
+            return actions
+        new_set = set(new_keys)
+        for key in old_keys:
+            if key not in new_set:
+                actions.append(Evict(key, self.name, version))
+        value = self.payload(after)
+        for key in dict.fromkeys(new_keys):
+            actions.append(Refresh(key, value, self.ttl_for_write(), version, self.name))
+        return actions
+
+
+class RuleSet:
+    """All rules, indexed by table."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.rules: list[Rule] = list(rules)
+        self._by_table: dict[TableRef, list[Rule]] = {}
+        for rule in self.rules:
+            self._by_table.setdefault(rule.table, []).append(rule)
+        self._truncate_warned: set[TableRef] = set()
+
+    @property
+    def tables(self) -> list[TableRef]:
+        return list(self._by_table)
+
+    def rules_for(self, table: TableRef) -> list[Rule]:
+        return self._by_table.get(table, [])
+
+    def actions_for(self, change: RowChange) -> list[CacheAction]:
+        rules = self._by_table.get(change.table)
+        if not rules:
+            return []
+        if change.op is Op.TRUNCATE:
+            if change.table not in self._truncate_warned:
+                self._truncate_warned.add(change.table)
+                log.warning(
+                    "truncate_not_applied",
+                    table=str(change.table),
+                    rules=[r.name for r in rules],
+                    hint="keys of a truncated table cannot be enumerated; they expire by TTL",
+                )
+            return []
+        if len(rules) == 1:
+            return rules[0].actions_for(change)
+        actions: list[CacheAction] = []
+        for rule in rules:
+            actions.extend(rule.actions_for(change))
+        return actions
+
+    def problems_with_columns(self, columns: Mapping[TableRef, Sequence[str] | None]) -> list[str]:
+        """One line per rule field that names a table or column the source lacks."""
+        problems: list[str] = []
+        for rule in self.rules:
+            available = columns.get(rule.table)
+            if available is None:
+                problems.append(
+                    f"rules[{rule.index}].table: table {rule.table} does not exist "
+                    f"(rule {rule.name!r})"
+                )
+                continue
+            have = set(available)
+            for i, template in enumerate(rule.keys):
+                for column in template.columns:
+                    if column not in have:
+                        problems.append(
+                            f"rules[{rule.index}].keys[{i}]: template {template.text!r} names "
+                            f"column {column!r}, which table {rule.table} does not have"
+                        )
+            for where, names in (
+                ("columns", rule.columns or ()),
+                ("watch", sorted(rule.watch or ())),
+                ("when", list(rule.when)),
+            ):
+                for column in names:
+                    if column not in have:
+                        problems.append(
+                            f"rules[{rule.index}].{where}: column {column!r} is not in table "
+                            f"{rule.table}"
+                        )
+        return problems

@@ -1,0 +1,375 @@
+"""The run loop: source thread → bounded queue → batches → rules → sink → checkpoint.
+
+The source thread parses the log and blocks on a bounded queue when the apply side is behind
+(back-pressure). The main thread collects items into a batch that closes on size or after a few
+milliseconds, turns its changes into coalesced actions, applies them in one sink call, and only
+then saves the checkpoint (the last transaction-boundary position in the batch) and acks the
+source. A failure of Redis or of the database is retried with backoff and never advances the
+checkpoint. ``request_stop`` (first SIGTERM) finishes the current batch; burst options stop the
+loop after N transactions or once the source is caught up, which makes the loop testable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from worker.actions import CacheAction, Evict, coalesce
+from worker.errors import CacheWorkerError, ConfigError, SourceError
+from worker.events import Heartbeat, Position, SourceItem, TableRef, Transaction
+from worker.interfaces import CheckpointStore, Sink, Source
+from worker.retry import retry_call
+from worker.rules import RuleSet
+
+log = structlog.get_logger("cache_worker.runner")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the loop batches, reports and stops."""
+
+    batch_max_transactions: int = 2000
+    batch_max_actions: int = 5000
+    batch_max_delay_s: float = 0.005
+    queue_size: int = 20000
+    progress_interval_s: float = 10.0
+    retry_max_backoff_s: float = 30.0
+    stop_grace_s: float = 5.0
+    max_transactions: int | None = None
+    until_idle: bool = False
+
+
+@dataclass
+class RunStats:
+    """Counters since start; the progress event reports their rates."""
+
+    transactions: int = 0
+    rows: int = 0
+    actions: int = 0
+    refreshes: int = 0
+    evictions: int = 0
+    batches: int = 0
+    last_position: Position | None = None
+    last_committed_at: float | None = None
+    caught_up: bool = False
+
+
+@dataclass
+class _SourceFailed:
+    error: BaseException
+
+
+@dataclass
+class _Batch:
+    actions: list[CacheAction] = field(default_factory=list)
+    position: Position | None = None
+    transactions: int = 0
+    rows: int = 0
+    caught_up: bool = False
+    committed_at: float | None = None
+    failure: BaseException | None = None
+
+
+class Runner:
+    """Drives one source into one sink, checkpointing after every applied batch."""
+
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink,
+        checkpoints: CheckpointStore,
+        rules: RuleSet,
+        options: RunOptions | None = None,
+        describe_position: Callable[[Position], str] | None = None,
+        preflight: Callable[[], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.checkpoints = checkpoints
+        self.rules = rules
+        self.options = options or RunOptions()
+        self.stats = RunStats()
+        self._preflight = preflight
+        self._describe = describe_position or (lambda p: str(p.to_dict()))
+        self._queue: queue.Queue[SourceItem | _SourceFailed] = queue.Queue(self.options.queue_size)
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved: Position | None = None
+        self._pending: SourceItem | _SourceFailed | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish and checkpoint the current batch, then return from ``run``."""
+        if not self._stop.is_set():
+            self._stop_deadline = time.monotonic() + self.options.stop_grace_s
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _give_up_retrying(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop_deadline is None:
+            # A stop request wakes the backoff so the grace period starts counting at once.
+            self._stop.wait(seconds)
+        else:
+            time.sleep(max(0.0, min(seconds, self._stop_deadline - time.monotonic())))
+
+    def _retry(self, what: str, fn: Callable[[], object]) -> None:
+        retry_call(
+            what,
+            fn,
+            max_backoff_s=self.options.retry_max_backoff_s,
+            should_stop=self._give_up_retrying,
+            sleep=self._sleep,
+        )
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def validate_schema(self) -> None:
+        """Stop with a ConfigError naming every rule field whose table or column is missing."""
+        columns: dict[TableRef, list[str] | None] = {}
+
+        def describe() -> None:
+            for table in self.rules.tables:
+                columns[table] = self.source.columns(table)
+
+        self._retry("describe_tables", describe)
+        problems = self.rules.problems_with_columns(columns)
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def start_position(self) -> Position:
+        """The checkpoint, or the source's initial position saved before anything is read."""
+        loaded: list[Position | None] = []
+        self._retry("load_checkpoint", lambda: loaded.append(self.checkpoints.load()))
+        if loaded[0] is not None:
+            log.info("checkpoint_loaded", position=self._describe(loaded[0]))
+            self._saved = loaded[0]
+            return loaded[0]
+        initial: list[Position] = []
+        self._retry("initial_position", lambda: initial.append(self.source.initial_position()))
+        # Saved before the first read, so a crash before the first batch cannot skip changes
+        # committed between now and the restart.
+        self._retry("save_checkpoint", lambda: self.checkpoints.save(initial[0]))
+        self._saved = initial[0]
+        log.info("checkpoint_initialized", position=self._describe(initial[0]))
+        return initial[0]
+
+    # -- source thread ---------------------------------------------------------------------
+
+    def _put(self, item: SourceItem | _SourceFailed) -> bool:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pump(self, start: Position) -> None:
+        try:
+            for item in self.source.stream(start):
+                if not self._put(item):
+                    return
+            if not self._closing.is_set():
+                self._put(_SourceFailed(SourceError("the source stream ended unexpectedly")))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
+            if not self._closing.is_set():
+                self._put(_SourceFailed(exc))
+
+    def _start_source(self, start: Position) -> None:
+        self._thread = threading.Thread(
+            target=self._pump, args=(start,), name="cache-worker-source", daemon=True
+        )
+        self._thread.start()
+
+    def _stop_source(self) -> None:
+        self._closing.set()
+        try:
+            self.source.close()
+        except Exception as exc:  # noqa: BLE001 - closing is best effort on the way out
+            log.warning("source_close_failed", error_class=type(exc).__name__, error=str(exc))
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _next_item(self, timeout: float) -> SourceItem | _SourceFailed | None:
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+            return item
+        try:
+            if timeout <= 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _collect(self) -> _Batch:
+        opts = self.options
+        batch = _Batch()
+        raw_actions: list[CacheAction] = []
+        first = self._next_item(0.1)
+        if first is None:
+            return batch
+        tx_limit = opts.batch_max_transactions
+        if opts.max_transactions is not None:
+            tx_limit = min(tx_limit, opts.max_transactions - self.stats.transactions)
+        deadline = time.monotonic() + opts.batch_max_delay_s
+        item: SourceItem | _SourceFailed | None = first
+        while item is not None:
+            if isinstance(item, _SourceFailed):
+                batch.failure = item.error
+                break
+            if isinstance(item, Transaction):
+                for change in item.changes:
+                    raw_actions.extend(self.rules.actions_for(change))
+                batch.rows += len(item.changes)
+                batch.caught_up = False
+                if item.position is not None:
+                    batch.position = item.position
+                    batch.transactions += 1
+                    if item.committed_at is not None:
+                        batch.committed_at = item.committed_at
+            else:
+                if item.position is not None:
+                    batch.position = item.position
+                batch.caught_up = item.caught_up
+            if batch.transactions >= tx_limit or len(raw_actions) >= opts.batch_max_actions:
+                break
+            item = self._next_item(deadline - time.monotonic())
+        batch.actions = coalesce(raw_actions)
+        return batch
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _apply(self, batch: _Batch) -> None:
+        if batch.actions:
+            actions = batch.actions
+            self._retry("apply", lambda: self.sink.apply(actions))
+        position = batch.position
+        if position is not None and (self._saved is None or self._saved < position):
+            self._retry("save_checkpoint", lambda: self.checkpoints.save(position))
+            self._saved = position
+            self.source.ack(position)
+        stats = self.stats
+        stats.batches += 1
+        stats.transactions += batch.transactions
+        stats.rows += batch.rows
+        stats.actions += len(batch.actions)
+        evictions = sum(1 for a in batch.actions if isinstance(a, Evict))
+        stats.evictions += evictions
+        stats.refreshes += len(batch.actions) - evictions
+        if position is not None:
+            stats.last_position = position
+        if batch.committed_at is not None:
+            stats.last_committed_at = batch.committed_at
+        if batch.transactions or batch.rows:
+            stats.caught_up = False
+        if batch.caught_up:
+            stats.caught_up = True
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> RunStats:
+        """Validate, resume, then apply until stopped, burst-complete or failed."""
+        if self._preflight is not None:
+            self._retry("preflight", self._preflight)
+        self.validate_schema()
+        start = self.start_position()
+        self._start_source(start)
+        progress = _Progress(self, self.options.progress_interval_s)
+        log.info("streaming", start=self._describe(start), tables=[str(t) for t in self.rules.tables])
+        try:
+            while not self._stop.is_set():
+                batch = self._collect()
+                if batch.actions or batch.position is not None or batch.rows:
+                    self._apply(batch)
+                else:
+                    self.stats.caught_up = self.stats.caught_up or batch.caught_up
+                progress.maybe_report()
+                if batch.failure is not None:
+                    raise batch.failure
+                if self._burst_done():
+                    log.info("burst_complete", transactions=self.stats.transactions)
+                    break
+        finally:
+            self._stop_source()
+            progress.report(final=True)
+        return self.stats
+
+    def _burst_done(self) -> bool:
+        opts = self.options
+        if opts.max_transactions is not None and self.stats.transactions >= opts.max_transactions:
+            return True
+        return opts.until_idle and self.stats.caught_up and self._queue.empty()
+
+
+class _Progress:
+    """Emits the periodic ``progress`` event with rates, lag and position."""
+
+    def __init__(self, runner: Runner, interval_s: float) -> None:
+        self._runner = runner
+        self._interval = interval_s
+        self._last_at = time.monotonic()
+        self._last_rows = 0
+        self._last_tx = 0
+
+    def maybe_report(self) -> None:
+        if time.monotonic() - self._last_at >= self._interval:
+            self.report()
+
+    def report(self, final: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self._last_at, 1e-9)
+        stats = self._runner.stats
+        lag: float | None
+        if stats.caught_up:
+            lag = 0.0
+        elif stats.last_committed_at is not None:
+            lag = max(0.0, time.time() - stats.last_committed_at)
+        else:
+            lag = None
+        sink_refusals = getattr(self._runner.sink, "stale_refusals", None)
+        log.info(
+            "stopped" if final else "progress",
+            rows_per_s=round((stats.rows - self._last_rows) / elapsed, 1),
+            tx_per_s=round((stats.transactions - self._last_tx) / elapsed, 1),
+            transactions=stats.transactions,
+            rows=stats.rows,
+            actions=stats.actions,
+            refreshes=stats.refreshes,
+            evictions=stats.evictions,
+            stale_refusals=sink_refusals,
+            lag_s=None if lag is None else round(lag, 3),
+            queue_depth=self._runner._queue.qsize(),
+            position=(
+                self._runner._describe(stats.last_position) if stats.last_position else None
+            ),
+        )
+        self._last_at = now
+        self._last_rows = stats.rows
+        self._last_tx = stats.transactions
+
+
+def describe_error(exc: BaseException) -> dict[str, object]:
+    """Fields for an error event."""
+    fields: dict[str, object] = {"error_class": type(exc).__name__, "error": str(exc)}
+    if isinstance(exc, CacheWorkerError):
+        fields["exit_code"] = int(exc.exit_code)
+    return fields
+
+
+__all__: Sequence[str] = ["RunOptions", "RunStats", "Runner", "describe_error"]
