@@ -109,4 +109,3 @@ class MemoryCheckpointStore:
     def save(self, position: Position) -> None:
         self.position = position
         self.saves.append(position)
-

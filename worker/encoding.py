@@ -81,7 +81,11 @@ def scalar_text(value: Any) -> str:
     if isinstance(value, int | Decimal):
         return str(value)
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
+        return (
+            repr(value)
+            if math.isfinite(value)
+            else ("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
+        )
     if isinstance(value, dict | list | tuple):
         return encode_json(value) if isinstance(value, dict) else _encoder.encode(list(value))
     encoded = _json_default(value)

@@ -12,14 +12,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from tenacity.stop import stop_base
 from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
-
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from worker.errors import CacheWorkerError
 

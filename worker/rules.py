@@ -73,14 +73,15 @@ class KeyTemplate:
         return cls(text, tuple(columns), "".join(pieces))
 
     def render(self, row: Row) -> str | None:
-        """The key for ``row``, or None when a key column is NULL or absent."""
+        """The key for ``row``, or None when a key column is NULL or absent, or the key is empty."""
         parts = []
         for name in self.columns:
             value = row.get(name)
             if value is None:
                 return None
             parts.append(scalar_text(value))
-        return self._format.format(*parts)
+        # An empty key has no hash slot its companions could share, and no web tier asks for it.
+        return self._format.format(*parts) or None
 
 
 def _is_column_name(name: str) -> bool:

@@ -21,7 +21,7 @@ import structlog
 
 from worker.actions import CacheAction, Evict, coalesce
 from worker.errors import CacheWorkerError, ConfigError, SourceError
-from worker.events import Heartbeat, Position, SourceItem, TableRef, Transaction
+from worker.events import Position, SourceItem, TableRef, Transaction
 from worker.interfaces import CheckpointStore, Sink, Source
 from worker.retry import retry_call
 from worker.rules import RuleSet
@@ -185,7 +185,7 @@ class Runner:
                     return
             if not self._closing.is_set():
                 self._put(_SourceFailed(SourceError("the source stream ended unexpectedly")))
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
+        except BaseException as exc:
             if not self._closing.is_set():
                 self._put(_SourceFailed(exc))
 
@@ -199,7 +199,7 @@ class Runner:
         self._closing.set()
         try:
             self.source.close()
-        except Exception as exc:  # noqa: BLE001 - closing is best effort on the way out
+        except Exception as exc:
             log.warning("source_close_failed", error_class=type(exc).__name__, error=str(exc))
         if self._thread is not None:
             self._thread.join(timeout=2.0)
@@ -291,7 +291,9 @@ class Runner:
         start = self.start_position()
         self._start_source(start)
         progress = _Progress(self, self.options.progress_interval_s)
-        log.info("streaming", start=self._describe(start), tables=[str(t) for t in self.rules.tables])
+        log.info(
+            "streaming", start=self._describe(start), tables=[str(t) for t in self.rules.tables]
+        )
         try:
             while not self._stop.is_set():
                 batch = self._collect()
@@ -355,9 +357,7 @@ class _Progress:
             stale_refusals=sink_refusals,
             lag_s=None if lag is None else round(lag, 3),
             queue_depth=self._runner._queue.qsize(),
-            position=(
-                self._runner._describe(stats.last_position) if stats.last_position else None
-            ),
+            position=(self._runner._describe(stats.last_position) if stats.last_position else None),
         )
         self._last_at = now
         self._last_rows = stats.rows

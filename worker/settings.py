@@ -273,7 +273,9 @@ class Settings(BaseSettings):
         for i, rule in enumerate(self.rules):
             name = rule_name(rule, i)
             if name in seen:
-                raise ValueError(f"rules[{i}].name: {name!r} is already the name of rules[{seen[name]}]")
+                raise ValueError(
+                    f"rules[{i}].name: {name!r} is already the name of rules[{seen[name]}]"
+                )
             seen[name] = i
         return self
 
@@ -311,7 +313,12 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part.startswith(("function-", "literal[", "list[", "union[", "str", "int", "float", "bool")) and text:
+        elif (
+            part.startswith(
+                ("function-", "literal[", "list[", "union[", "str", "int", "float", "bool")
+            )
+            and text
+        ):
             continue
         else:
             text += ("." if text else "") + part
@@ -370,7 +377,8 @@ def load_settings(path: Path | None, overrides: Mapping[str, Any] | None = None)
             return (env_settings, InitSettingsSource(settings_cls, toml_data))
 
     try:
-        loaded = _FromFile()
+        # Required fields arrive through the settings sources, which mypy cannot see.
+        loaded = _FromFile()  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError("\n".join(_format_validation_error(exc))) from None
     except ValueError as exc:

@@ -62,7 +62,15 @@ def test_timedelta_formats():
 def test_hash_encoding_omits_nulls_and_stringifies():
     pairs = dict(
         encode_hash(
-            {"id": 1, "ok": True, "n": None, "d": Decimal("1.10"), "j": {"k": 1}, "b": b"\x01", "s": "x"}
+            {
+                "id": 1,
+                "ok": True,
+                "n": None,
+                "d": Decimal("1.10"),
+                "j": {"k": 1},
+                "b": b"\x01",
+                "s": "x",
+            }
         )
     )
     assert pairs == {"id": "1", "ok": "true", "d": "1.10", "j": '{"k":1}', "b": "AQ==", "s": "x"}

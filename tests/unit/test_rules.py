@@ -32,7 +32,16 @@ def test_template_renders_columns_and_literal_braces():
 
 
 @pytest.mark.parametrize(
-    "text", ["user", "user:{}", "user:{id.name}", "user:{id[0]}", "user:{id!r}", "user:{id:>5}", "user:{id"]
+    "text",
+    [
+        "user",
+        "user:{}",
+        "user:{id.name}",
+        "user:{id[0]}",
+        "user:{id!r}",
+        "user:{id:>5}",
+        "user:{id",
+    ],
 )
 def test_bad_templates_are_rejected(text):
     with pytest.raises(ValueError):
@@ -72,7 +81,9 @@ def test_evict_rule_acts_on_old_and_new_key():
         change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 2}, table=ORDERS)
     )
     assert actions == [Evict("user:1:orders", "r", 7), Evict("user:2:orders", "r", 7)]
-    same = r.actions_for(change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 1}, table=ORDERS))
+    same = r.actions_for(
+        change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 1}, table=ORDERS)
+    )
     assert same == [Evict("user:1:orders", "r", 7)]
 
 
@@ -83,7 +94,9 @@ def test_delete_under_refresh_rule_evicts():
 
 def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves():
     r = rule(watch=frozenset({"name"}))
-    unwatched = change(Op.UPDATE, {"id": 1, "name": "a", "seen": 1}, {"id": 1, "name": "a", "seen": 2})
+    unwatched = change(
+        Op.UPDATE, {"id": 1, "name": "a", "seen": 1}, {"id": 1, "name": "a", "seen": 2}
+    )
     assert r.actions_for(unwatched) == []
     watched = change(Op.UPDATE, {"id": 1, "name": "a"}, {"id": 1, "name": "b"})
     assert [a.key for a in r.actions_for(watched)] == ["user:1"]
@@ -100,9 +113,13 @@ def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves():
 def test_when_filter_enters_and_leaves():
     r = rule(when={"status": "active"})
     assert r.actions_for(change(Op.INSERT, after={"id": 1, "status": "banned"})) == []
-    leave = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "active"}, {"id": 1, "status": "banned"}))
+    leave = r.actions_for(
+        change(Op.UPDATE, {"id": 1, "status": "active"}, {"id": 1, "status": "banned"})
+    )
     assert leave == [Evict("user:1", "r", 7)]
-    enter = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "banned"}, {"id": 1, "status": "active"}))
+    enter = r.actions_for(
+        change(Op.UPDATE, {"id": 1, "status": "banned"}, {"id": 1, "status": "active"})
+    )
     assert [type(a) for a in enter] == [Refresh]
     neither = r.actions_for(change(Op.UPDATE, {"id": 1, "status": "x"}, {"id": 1, "status": "y"}))
     assert neither == []
@@ -119,7 +136,9 @@ def test_when_matches_types_and_lists():
 
 def test_columns_projection_and_hash_format():
     r = rule(columns=("id", "name", "gone"), format="hash")
-    [action] = r.actions_for(change(Op.INSERT, after={"id": 1, "name": "Ann", "secret": "x", "bio": None}))
+    [action] = r.actions_for(
+        change(Op.INSERT, after={"id": 1, "name": "Ann", "secret": "x", "bio": None})
+    )
     assert isinstance(action, Refresh)
     assert action.value == (("id", "1"), ("name", "Ann"))
 
@@ -139,7 +158,13 @@ def test_ttl_jitter_only_shortens_within_bound():
 
 def test_ruleset_routes_by_table_and_reports_missing_columns():
     users = rule(name="u", index=0)
-    orders = rule(name="o", table=ORDERS, keys=(KeyTemplate.parse("user:{usr_id}:orders"),), action="evict", index=1)
+    orders = rule(
+        name="o",
+        table=ORDERS,
+        keys=(KeyTemplate.parse("user:{usr_id}:orders"),),
+        action="evict",
+        index=1,
+    )
     rs = RuleSet([users, orders])
     assert rs.actions_for(change(Op.INSERT, after={"id": 1}, table=TableRef("shop", "other"))) == []
     assert [a.key for a in rs.actions_for(change(Op.INSERT, after={"id": 1}))] == ["user:1"]
@@ -156,3 +181,10 @@ def test_ruleset_routes_by_table_and_reports_missing_columns():
 def test_truncate_produces_no_actions():
     rs = RuleSet([rule()])
     assert rs.actions_for(change(Op.TRUNCATE)) == []
+
+
+def test_empty_rendered_key_is_skipped():
+    r = rule(keys=(KeyTemplate.parse("{code}"), KeyTemplate.parse("user:{id}")))
+    assert [a.key for a in r.actions_for(change(Op.INSERT, after={"id": 1, "code": ""}))] == [
+        "user:1"
+    ]

@@ -39,7 +39,9 @@ def make(items, **opts):
 
 
 def test_applies_until_idle_and_checkpoints_last_position():
-    source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2, "b")), tx(30, ins(1, "c"))], until_idle=True)
+    source, sink, store, runner = make(
+        [tx(10, ins(1)), tx(20, ins(2, "b")), tx(30, ins(1, "c"))], until_idle=True
+    )
     stats = runner.run()
     assert stats.transactions == 3 and stats.rows == 3
     assert sink.values == {"user:1": '{"id":1,"name":"c"}', "user:2": '{"id":2,"name":"b"}'}
@@ -48,7 +50,7 @@ def test_applies_until_idle_and_checkpoints_last_position():
 
 
 def test_initial_position_is_saved_before_reading():
-    source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
+    source, _sink, store, runner = make([tx(10, ins(1))], until_idle=True)
     source.initial = Position(5, {"i": 5})
     runner.run()
     assert store.saves[0].version == 5
@@ -56,14 +58,14 @@ def test_initial_position_is_saved_before_reading():
 
 
 def test_resumes_after_checkpoint_without_replaying_earlier():
-    source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2))], until_idle=True)
+    _source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2))], until_idle=True)
     store.position = Position(10, {"i": 10})
     runner.run()
     assert set(sink.values) == {"user:2"}
 
 
 def test_max_transactions_burst_stops_after_n():
-    source, sink, store, runner = make([tx(v, ins(v)) for v in range(1, 11)], max_transactions=4)
+    _source, sink, store, runner = make([tx(v, ins(v)) for v in range(1, 11)], max_transactions=4)
     stats = runner.run()
     assert stats.transactions == 4
     assert store.position.version == 4
@@ -71,7 +73,7 @@ def test_max_transactions_burst_stops_after_n():
 
 
 def test_sink_failures_are_retried_and_never_advance_checkpoint_early():
-    source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
+    _source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
     sink.fail_next = 3
     saves_during_failure = []
     real_apply = sink.apply
@@ -90,7 +92,7 @@ def test_sink_failures_are_retried_and_never_advance_checkpoint_early():
 
 def test_large_batch_is_coalesced_into_few_applies():
     items = [tx(v, ins(v % 3, str(v))) for v in range(1, 301)]
-    source, sink, store, runner = make(items, until_idle=True)
+    _source, sink, _store, runner = make(items, until_idle=True)
     runner.run()
     assert sink.values["user:0"] == '{"id":0,"name":"300"}'
     assert sum(len(batch) for batch in sink.applied) < 300
@@ -98,14 +100,20 @@ def test_large_batch_is_coalesced_into_few_applies():
 
 def test_chunked_transaction_checkpoints_only_at_its_end():
     chunk1 = Transaction([RowChange(Op.INSERT, USERS, None, {"id": 1, "name": "a"}, 50)], None)
-    chunk2 = Transaction([RowChange(Op.INSERT, USERS, None, {"id": 2, "name": "b"}, 50)], Position(60, {}))
-    source, sink, store, runner = make([chunk1, chunk2], until_idle=True, batch_max_transactions=1)
+    chunk2 = Transaction(
+        [RowChange(Op.INSERT, USERS, None, {"id": 2, "name": "b"}, 50)], Position(60, {})
+    )
+    _source, _sink, store, runner = make(
+        [chunk1, chunk2], until_idle=True, batch_max_transactions=1
+    )
     runner.run()
     assert [p.version for p in store.saves] == [0, 60]
 
 
 def test_heartbeat_moves_checkpoint_past_irrelevant_log():
-    source, sink, store, runner = make([tx(10, ins(1)), Heartbeat(Position(99, {}), caught_up=False)], until_idle=True)
+    _source, _sink, store, runner = make(
+        [tx(10, ins(1)), Heartbeat(Position(99, {}), caught_up=False)], until_idle=True
+    )
     runner.run()
     assert store.position.version == 99
 
@@ -114,7 +122,9 @@ def test_missing_column_stops_with_config_error():
     source = MemorySource([], {USERS: ["id"]})
     bad = RuleSet([Rule("u", USERS, (KeyTemplate.parse("user:{uid}"),))])
     runner = Runner(source, MemorySink(), MemoryCheckpointStore(), bad, RunOptions(until_idle=True))
-    with pytest.raises(ConfigError, match=r"rules\[0\].keys\[0\]: template 'user:\{uid\}' names column 'uid'"):
+    with pytest.raises(
+        ConfigError, match=r"rules\[0\].keys\[0\]: template 'user:\{uid\}' names column 'uid'"
+    ):
         runner.run()
 
 
@@ -134,7 +144,7 @@ def test_fatal_source_error_applies_what_came_before_then_raises():
 
 
 def test_request_stop_finishes_batch_and_returns():
-    source, sink, store, runner = make([tx(10, ins(1))])
+    source, _sink, store, runner = make([tx(10, ins(1))])
     thread = threading.Thread(target=runner.run)
     thread.start()
     deadline = time.monotonic() + 5

@@ -46,7 +46,11 @@ def test_loads_good_config_and_compiles_rules(tmp_path):
     assert settings.checkpoint_key() == "cache-worker:checkpoint:shop-cache"
     rules = compile_rules(settings)
     profile, orders = rules.rules
-    assert profile.ttl_ms == 90_000 and profile.format == "json" and profile.when == {"status": "active"}
+    assert (
+        profile.ttl_ms == 90_000
+        and profile.format == "json"
+        and profile.when == {"status": "active"}
+    )
     assert profile.watch == frozenset({"name"})
     assert orders.action == "evict" and orders.ttl_ms == 7_200_000
     assert 100_000 <= settings.server_id() < 1_000_100_000
@@ -90,11 +94,27 @@ def test_every_bad_field_is_named(tmp_path):
     ("snippet", "replacement", "expected"),
     [
         ('kind = "mysql"', 'kind = "oracle"', "source.kind:"),
-        ('table = "shop.users"', 'table = "users"', "rules[0].table: table 'users' is not of the form"),
-        ('action = "evict"', 'action = "evict"\nformat = "hash"', "rules[1]: format applies to refresh"),
-        ('name = "user-orders"', 'name = "user-profile"', "rules[1].name: 'user-profile' is already"),
+        (
+            'table = "shop.users"',
+            'table = "users"',
+            "rules[0].table: table 'users' is not of the form",
+        ),
+        (
+            'action = "evict"',
+            'action = "evict"\nformat = "hash"',
+            "rules[1]: format applies to refresh",
+        ),
+        (
+            'name = "user-orders"',
+            'name = "user-profile"',
+            "rules[1].name: 'user-profile' is already",
+        ),
         ('url = "redis://127.0.0.1:6379/0"', 'url = "http://x"', "redis.url: must start with"),
-        ('dsn = "mysql://cw:dsnpass@127.0.0.1:3306/shop"', 'dsn = "postgres://h/db"', "kind 'mysql' does not match"),
+        (
+            'dsn = "mysql://cw:dsnpass@127.0.0.1:3306/shop"',
+            'dsn = "postgres://h/db"',
+            "kind 'mysql' does not match",
+        ),
     ],
 )
 def test_specific_errors(tmp_path, snippet, replacement, expected):
@@ -116,7 +136,8 @@ def test_rules_required(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("5ms", 0.005), ("90s", 90), ("10m", 600), ("1h", 3600), ("1d", 86400), (3, 3)]
+    ("text", "seconds"),
+    [("5ms", 0.005), ("90s", 90), ("10m", 600), ("1h", 3600), ("1d", 86400), (3, 3)],
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
@@ -143,8 +164,16 @@ def test_example_config_documents_every_field():
     )
 
     text = (Path(__file__).resolve().parents[2] / "config.example.toml").read_text()
-    models = [Settings, SourceSettings, RedisSettings, CheckpointSettings, BatchSettings,
-              LogSettings, DefaultsSettings, RuleSettings]
+    models = [
+        Settings,
+        SourceSettings,
+        RedisSettings,
+        CheckpointSettings,
+        BatchSettings,
+        LogSettings,
+        DefaultsSettings,
+        RuleSettings,
+    ]
     missing = []
     for model in models:
         for field in model.model_fields:
