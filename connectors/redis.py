@@ -1,0 +1,453 @@
+"""The Redis adapter: building the client (``connect``), the cache sink and the checkpoint store.
+
+``RedisSink`` is the hot path. It sends a whole coalesced batch in one non-transactional pipeline
+round trip: an ``Evict`` is one ``DEL`` of the key and its companions, a ``Refresh`` is one
+``EVALSHA`` of a Lua script that writes the value only if Redis does not already hold a newer
+version, so replaying the log never moves a key backwards. Every command is idempotent, which is
+what lets the caller retry a whole batch after ``SinkUnavailable``. ``RedisCheckpointStore`` keeps
+a checkpoint in one Redis key (as durable as that Redis's persistence settings make it). Redis
+exceptions are translated into ``worker.errors`` classes here and never leave this module;
+messages name the server by its redacted URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, NoReturn
+
+import hiredis
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    DataError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.retry import Retry
+
+from worker.actions import CacheAction, Refresh
+from worker.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
+from worker.errors import CheckpointError, ConfigError, SinkError, SinkUnavailable
+from worker.events import Position
+from worker.interfaces import CheckResult
+from worker.keys import lease_key, version_key
+from worker.redact import redact, redact_url, url_secrets
+
+log = structlog.get_logger(__name__)
+
+# KEYS: the cache key, its version key, its lease key.
+# ARGV: version, ttl_ms, "json" | "hash", then the JSON text or the hash's field/value pairs.
+# A ttl_ms <= 0 writes without expiry. Versions stay below 2**53, so Lua numbers compare exactly.
+REFRESH_SCRIPT = """\
+redis.call('DEL', KEYS[3])
+local stored = tonumber(redis.call('GET', KEYS[2]))
+if stored and stored > tonumber(ARGV[1]) then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+local format = ARGV[3]
+if format == 'json' then
+  if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[4], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[1], ARGV[4])
+  end
+elseif format == 'hash' then
+  redis.call('DEL', KEYS[1])
+  local n = #ARGV
+  -- unpack() fails beyond a few thousand values, so wide hashes go in slices (of whole pairs).
+  for i = 4, n, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, n)))
+  end
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+else
+  return redis.error_reply('cache-worker: unknown refresh format ' .. format)
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+return 1
+"""
+REFRESH_SHA = hashlib.sha1(REFRESH_SCRIPT.encode()).hexdigest()
+
+# Command names as bytes: the driver's packer splits str names on spaces for every command.
+_EVALSHA = b"EVALSHA"
+_DEL = b"DEL"
+_JSON = b"json"
+_HASH = b"hash"
+
+# Commands per socket write (see _round_trip); a few tens of KB for typical payloads.
+_SLICE = 256
+
+# hiredis is a declared dependency (redis[hiredis]); its C packer is what keeps packing cheap.
+_pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+# Error replies that say "not now" rather than "never": a replica promoted a moment ago, a busy
+# script, a master link down. BusyLoadingError (LOADING) is a ConnectionError already.
+_TRANSIENT_REPLIES = ("BUSY ", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    """How to reach Redis; ``password``/``username`` override what the URL carries."""
+
+    url: str
+    password: str | None = None
+    username: str | None = None
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
+    ssl_verify: bool = True
+    socket_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+
+
+def connect(options: RedisOptions) -> redis.Redis:
+    """Build a client for ``options`` (lazy: nothing is sent until the first command).
+
+    Raises ``ConfigError`` for a malformed URL or TLS files given for a plain ``redis://`` URL.
+    """
+    secrets = [options.password, *url_secrets(options.url)]
+    shown = redact(redact_url(options.url), secrets)
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": options.socket_timeout_s,
+        "socket_connect_timeout": options.connect_timeout_s,
+        "client_name": "cache-worker",
+        # One immediate reconnect covers a pooled connection the server or a proxy closed while
+        # idle; waiting out a real outage is the run loop's backoff, not the driver's.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    tls_files = (options.ssl_ca_file, options.ssl_cert_file, options.ssl_key_file)
+    if options.url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = "required" if options.ssl_verify else "none"
+        kwargs["ssl_check_hostname"] = options.ssl_verify
+        if options.ssl_ca_file:
+            kwargs["ssl_ca_certs"] = options.ssl_ca_file
+        if options.ssl_cert_file:
+            kwargs["ssl_certfile"] = options.ssl_cert_file
+        if options.ssl_key_file:
+            kwargs["ssl_keyfile"] = options.ssl_key_file
+    elif any(tls_files):
+        raise ConfigError(f"redis url {shown}: TLS files are set but the url is not rediss://")
+    try:
+        pool = redis.ConnectionPool.from_url(options.url, **kwargs)
+    except ValueError as exc:
+        reason = redact(str(exc), secrets)
+        raise ConfigError(f"redis url {shown} is invalid: {reason}") from None
+    # from_url lets the URL win over keyword arguments, but a password from a secret file or the
+    # environment must win over one left in the URL.
+    if options.password is not None:
+        pool.connection_kwargs["password"] = options.password
+    if options.username is not None:
+        pool.connection_kwargs["username"] = options.username
+    return redis.Redis.from_pool(pool)
+
+
+def describe(client: redis.Redis) -> str:
+    """The client's target as a URL without password, for messages and check output."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    connection_class = getattr(pool, "connection_class", None)
+    user = kwargs.get("username")
+    userinfo = f"{user}@" if user else ""
+    db = kwargs.get("db", 0)
+    if isinstance(connection_class, type) and issubclass(
+        connection_class, UnixDomainSocketConnection
+    ):
+        target = f"unix://{userinfo}{kwargs.get('path', '')}?db={db}"
+    else:
+        is_tls = isinstance(connection_class, type) and issubclass(connection_class, SSLConnection)
+        scheme = "rediss" if is_tls else "redis"
+        host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
+        target = f"{scheme}://{userinfo}{host}:{port}/{db}"
+    return redact_url(target)
+
+
+def _secrets(client: redis.Redis) -> list[str | None]:
+    return [client.connection_pool.connection_kwargs.get("password")]
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        # A wrong password or missing permission does not heal by retrying; it is a
+        # configuration error and the worker should stop and say so.
+        return False
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | ReadOnlyError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
+
+
+def _error_text(client: redis.Redis, exc: BaseException) -> str:
+    return redact(str(exc) or type(exc).__name__, _secrets(client))
+
+
+class RedisSink:
+    """Applies cache actions to one Redis (implements ``worker.interfaces.Sink``).
+
+    ``stale_refusals`` counts refreshes the script refused because Redis held a newer version
+    (replays after a restart); the run loop reports it.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._target = describe(client)
+        self._script_loaded = False
+        self.stale_refusals = 0
+
+    def apply(self, actions: Sequence[CacheAction]) -> None:
+        if not actions:
+            return
+        commands, refreshes = _commands(actions)
+        if refreshes and not self._script_loaded:
+            self._load_script()
+        results = self._execute(commands)
+        if refreshes and any(type(result) is NoScriptError for result in results):
+            # The script cache is empty after a restart, a failover or SCRIPT FLUSH. Every
+            # command is idempotent, so the whole batch runs again once the script is back.
+            log.warning("redis_script_missing", redis=self._target, commands=len(commands))
+            self._script_loaded = False
+            self._load_script()
+            results = self._execute(commands)
+        self._check(commands, results)
+
+    def _load_script(self) -> None:
+        try:
+            sha = self._client.script_load(REFRESH_SCRIPT)
+        except RedisError as exc:
+            self._raise(exc, "loading the refresh script")
+        if sha != REFRESH_SHA:
+            # Would mean the server hashes scripts differently; EVALSHA with our SHA would
+            # fail forever, so stop here with a clear message.
+            raise SinkError(f"redis {self._target} returned SHA {sha} for the refresh script")
+        self._script_loaded = True
+        log.info("redis_script_loaded", redis=self._target, sha=sha)
+
+    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pool = self._client.connection_pool
+        try:
+            # Typed loosely: the driver's connection methods carry no annotations.
+            conn: Any = pool.get_connection()
+        except RedisError as exc:
+            self._raise(exc, f"applying {len(commands)} cache actions")
+        try:
+            # Like the driver's pipeline: on a connection error the connection is dropped and,
+            # if its retry policy allows, the whole batch is sent again (it is idempotent).
+            results: list[Any] = conn.retry.call_with_retry(
+                lambda: _round_trip(conn, commands), lambda _error: conn.disconnect()
+            )
+            return results
+        except RedisError as exc:
+            self._raise(exc, f"applying {len(commands)} cache actions")
+        finally:
+            pool.release(conn)
+
+    def _check(self, commands: list[tuple[Any, ...]], results: list[Any]) -> None:
+        stale = 0
+        failed: list[tuple[str, Exception]] = []
+        for command, result in zip(commands, results, strict=True):
+            if result == 0:
+                if command[0] is _EVALSHA:
+                    stale += 1
+            elif isinstance(result, Exception):
+                failed.append((_key_of(command), result))
+        self.stale_refusals += stale
+        if not failed:
+            return
+        key, first = failed[0]
+        message = (
+            f"redis {self._target} refused {len(failed)} of {len(commands)} cache actions; "
+            f"first: key {key!r}: {_error_text(self._client, first)}"
+        )
+        if all(_is_unavailable(exc) for _, exc in failed):
+            raise SinkUnavailable(message) from first
+        raise SinkError(message) from first
+
+    def _raise(self, exc: RedisError, doing: str) -> NoReturn:
+        message = f"redis {self._target}: {doing} failed: {_error_text(self._client, exc)}"
+        if _is_unavailable(exc):
+            raise SinkUnavailable(message) from exc
+        raise SinkError(message) from exc
+
+    def checks(self) -> list[CheckResult]:
+        return [self._check_reachable(), self._check_eviction_policy()]
+
+    def _check_reachable(self) -> CheckResult:
+        name = "redis reachable"
+        try:
+            info = self._client.info("server")
+        except Exception as exc:  # a check reports every failure instead of raising
+            return CheckResult(name, False, f"{self._target}: {_error_text(self._client, exc)}")
+        return CheckResult(name, True, f"{self._target} (redis {info.get('redis_version', '?')})")
+
+    def _check_eviction_policy(self) -> CheckResult:
+        name = "redis eviction policy"
+        try:
+            config = self._client.config_get("maxmemory*")
+        except ResponseError:
+            # Managed Redis services often rename or forbid CONFIG (unknown command, NOPERM);
+            # the policy is then theirs to set.
+            return CheckResult(name, True, "unknown (CONFIG GET is not allowed)")
+        except Exception as exc:  # a check reports every failure instead of raising
+            return CheckResult(name, False, f"{self._target}: {_error_text(self._client, exc)}")
+        values = {_text(k): _text(v) for k, v in dict(config).items()}
+        policy = values.get("maxmemory-policy")
+        if not policy:
+            return CheckResult(name, True, "unknown")
+        maxmemory = values.get("maxmemory", "?")
+        detail = f"maxmemory-policy {policy}, maxmemory {maxmemory}"
+        if policy.startswith(("volatile-", "allkeys-")):
+            return CheckResult(name, True, detail)
+        # noeviction: once maxmemory is reached Redis refuses writes and the worker stops with
+        # a sink error instead of old entries making room.
+        return CheckResult(
+            name, True, detail + ": writes fail once maxmemory is reached", warning=True
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _commands(actions: Sequence[CacheAction]) -> tuple[list[tuple[Any, ...]], int]:
+    """One wire command per action, and how many of them are refreshes."""
+    commands: list[tuple[Any, ...]] = []
+    append = commands.append
+    sha = REFRESH_SHA
+    refreshes = 0
+    for action in actions:
+        key = action.key
+        if type(action) is Refresh:
+            refreshes += 1
+            value = action.value
+            if isinstance(value, str):
+                append(
+                    (_EVALSHA, sha, 3, key, version_key(key), lease_key(key),
+                     action.version, action.ttl_ms, _JSON, value)
+                )  # fmt: skip
+            else:
+                append(
+                    (_EVALSHA, sha, 3, key, version_key(key), lease_key(key),
+                     action.version, action.ttl_ms, _HASH, *chain.from_iterable(value))
+                )  # fmt: skip
+        else:
+            append((_DEL, key, version_key(key), lease_key(key)))
+    return commands, refreshes
+
+
+def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send every command, then read every reply: one pipelined round trip on ``conn``.
+
+    This is what ``pipeline(transaction=False).execute(raise_on_error=False)`` does, without the
+    driver's per-command bookkeeping, which cost more than packing and parsing themselves (about
+    2.5x the time per evict). The batch is written in slices so that Redis starts executing the
+    first commands while later ones are still being packed; no reply is read before the last
+    slice is sent. Error replies come back in place as exceptions.
+    """
+    count = len(commands)
+    try:
+        for start in range(0, count, _SLICE):
+            chunk = commands[start : start + _SLICE]
+            try:
+                packed = b"".join(map(_pack, chunk))
+            except (TypeError, ValueError):
+                raise _unencodable(chunk) from None
+            conn.send_packed_command([packed], check_health=start == 0)
+        read = conn.read_response
+        results: list[Any] = []
+        append = results.append
+        for _ in range(count):
+            try:
+                append(read())
+            except ResponseError as exc:
+                append(exc)
+        return results
+    except BaseException:
+        # Replies left unread would be handed to the next user of this pooled connection.
+        conn.disconnect()
+        raise
+
+
+def _unencodable(chunk: list[tuple[Any, ...]]) -> DataError:
+    """Name the first action hiredis cannot pack (a value that is not text, a lone surrogate)."""
+    for command in chunk:
+        try:
+            _pack(command)
+        except (TypeError, ValueError) as exc:
+            return DataError(f"key {_key_of(command)!r}: cannot encode the command: {exc}")
+    return DataError("cannot encode a command")
+
+
+def _key_of(command: tuple[Any, ...]) -> str:
+    return str(command[3] if command[0] is _EVALSHA else command[1])
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisCheckpointStore:
+    """Keeps one source's checkpoint in a Redis key (implements ``CheckpointStore``).
+
+    The key has no TTL. The value is the JSON of ``worker.checkpoint``.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self._client = client
+        self.key = key
+        self._target = describe(client)
+
+    def load(self) -> Position | None:
+        checkpoint = self.load_checkpoint()
+        return checkpoint.position if checkpoint is not None else None
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        """The stored checkpoint with its timestamp, or ``None`` when the key does not exist."""
+        try:
+            data = self._client.get(self.key)
+        except RedisError as exc:
+            self._raise(exc, "reading")
+        if data is None:
+            return None
+        return decode_checkpoint(data, f"key {self.key!r} on redis {self._target}")
+
+    def save(self, position: Position) -> None:
+        try:
+            self._client.set(self.key, encode_checkpoint(position))
+        except RedisError as exc:
+            self._raise(exc, "writing")
+        log.debug("checkpoint_saved", store="redis", key=self.key, version=position.version)
+
+    def delete(self) -> None:
+        """Forget the checkpoint (``cache-worker reset-checkpoint``); no key is fine."""
+        try:
+            self._client.delete(self.key)
+        except RedisError as exc:
+            self._raise(exc, "deleting")
+        log.info("checkpoint_deleted", store="redis", key=self.key)
+
+    def _raise(self, exc: RedisError, doing: str) -> NoReturn:
+        message = (
+            f"{doing} checkpoint key {self.key!r} on redis {self._target} failed: "
+            f"{_error_text(self._client, exc)}"
+        )
+        if _is_unavailable(exc):
+            raise SinkUnavailable(message) from exc
+        raise CheckpointError(message) from exc
+
+
+def checkpoint_key(name: str) -> str:
+    """The conventional checkpoint key of the source named ``name``."""
+    return f"cache-worker:checkpoint:{name}"
