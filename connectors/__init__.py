@@ -1,0 +1,130 @@
+"""Adapters to external systems, one module per system, and the builders the CLI wires them with.
+
+``build_source``, ``build_sink`` and ``build_checkpoint_store`` turn validated ``Settings`` into
+adapter instances. Driver modules are imported inside the builders, so choosing the MySQL source
+never imports psycopg and the core can be imported with no driver at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+
+    from connectors.mysql import MySQLOptions
+    from connectors.redis import RedisOptions
+    from worker.interfaces import CheckpointStore, Sink, Source
+
+
+def mysql_options(settings: Settings) -> MySQLOptions:
+    """MySQLOptions from ``[source]`` (DSN, password from env/file, SSL)."""
+    from connectors.mysql import MySQLOptions
+
+    src = settings.source
+    parts = urlsplit(src.dsn)
+    ssl: dict[str, Any] | None = None
+    if src.ssl or src.ssl_ca or src.ssl_cert:
+        ssl = {"check_hostname": src.ssl_verify}
+        if src.ssl_ca:
+            ssl["ca"] = str(src.ssl_ca)
+        if src.ssl_cert:
+            ssl["cert"] = str(src.ssl_cert)
+        if src.ssl_key:
+            ssl["key"] = str(src.ssl_key)
+        if not src.ssl_verify:
+            ssl["verify_mode"] = False
+    return MySQLOptions(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=unquote(parts.username) if parts.username else "root",
+        password=src.resolved_password(),
+        server_id=settings.server_id(),
+        tables=tuple(_rule_tables(settings)),
+        start=src.start,
+        resume=src.resume,
+        heartbeat_s=src.heartbeat,
+        chunk_rows=src.chunk_rows,
+        connect_timeout_s=src.connect_timeout,
+        ssl=ssl,
+        reconnect_max_backoff_s=settings.batch.retry_max_backoff,
+    )
+
+
+def _rule_tables(settings: Settings) -> list[Any]:
+    from worker.events import TableRef
+
+    return list(dict.fromkeys(TableRef.parse(rule.table) for rule in settings.rules))
+
+
+def build_source(settings: Settings) -> Source:
+    if settings.source.kind == "mysql":
+        from connectors.mysql import MySQLSource
+
+        return MySQLSource(mysql_options(settings))
+    raise ConfigError(f"source.kind: {settings.source.kind!r} is not available in this build yet")
+
+
+def redis_options(settings: Settings) -> RedisOptions:
+    from connectors.redis import RedisOptions
+
+    r = settings.redis
+    return RedisOptions(
+        url=r.url,
+        password=r.resolved_password(),
+        username=r.username,
+        ssl_ca_file=str(r.ssl_ca) if r.ssl_ca else None,
+        ssl_cert_file=str(r.ssl_cert) if r.ssl_cert else None,
+        ssl_key_file=str(r.ssl_key) if r.ssl_key else None,
+        ssl_verify=r.ssl_verify,
+        socket_timeout_s=r.socket_timeout,
+        connect_timeout_s=r.connect_timeout,
+    )
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    from connectors.redis import connect
+
+    return connect(redis_options(settings))
+
+
+def build_sink(client: redis.Redis) -> Sink:
+    from connectors.redis import RedisSink
+
+    return RedisSink(client)
+
+
+def build_checkpoint_store(settings: Settings, client: redis.Redis) -> CheckpointStore:
+    if settings.checkpoint.store == "file":
+        from pathlib import Path
+
+        from worker.checkpoint import FileCheckpointStore
+
+        return FileCheckpointStore(Path(str(settings.checkpoint.path)))
+    from connectors.redis import RedisCheckpointStore
+
+    return RedisCheckpointStore(client, settings.checkpoint_key())
+
+
+def secrets_of(settings: Settings) -> list[str | None]:
+    """Every secret the settings hold, for the log scrubber."""
+    return [
+        settings.source.resolved_password(),
+        settings.redis.resolved_password(),
+        urlsplit(settings.redis.url).password,
+    ]
+
+
+__all__ = [
+    "build_checkpoint_store",
+    "build_sink",
+    "build_source",
+    "mysql_options",
+    "redis_client",
+    "redis_options",
+    "secrets_of",
+]

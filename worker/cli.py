@@ -1,0 +1,321 @@
+"""The ``cache-worker`` command line: the only place that wires adapters to the core.
+
+Commands: ``run`` (the daemon), ``check`` (preflight, one line per check, non-zero on any FAIL),
+``reset-checkpoint`` (forget the position, after a PositionLost) and ``--version``. Exit codes are
+``worker.errors.ExitCode`` and are listed in ``--help`` and the README.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+import structlog
+
+from worker import __version__
+from worker.errors import CacheWorkerError, ExitCode
+from worker.interfaces import CheckResult
+from worker.logs import SecretScrubber, configure_logging
+from worker.redact import redact_url
+from worker.runner import Runner, RunOptions, describe_error
+from worker.settings import Settings, compile_rules, load_settings
+
+log = structlog.get_logger("cache_worker")
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  stopped cleanly (SIGTERM/SIGINT, burst complete, all checks ok)
+  1  internal error (a bug: please report it)
+  2  usage error (bad command line)
+  3  configuration error (the message names the field)
+  4  database or Redis unavailable, or the checkpoint could not be saved
+  5  position lost (binlog purged past the checkpoint): reset-checkpoint and rewarm
+  6  precondition failed (binlog settings, privileges, missing table)
+  7  check found a FAIL
+  130 forced exit on a second signal
+"""
+
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CACHE_WORKER_CONFIG",
+    required=True,
+    help="TOML config file (env: CACHE_WORKER_CONFIG). Env vars CACHE_WORKER_* override fields.",
+)
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cache-worker")
+def cli() -> None:
+    """Keep a Redis cache warm and correct from the MySQL/MariaDB binlog."""
+
+
+def redacted_config(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON data with every secret masked, for the ``started`` event."""
+    data = settings.model_dump(mode="json")
+    data["source"]["dsn"] = redact_url(settings.source.dsn)
+    data["redis"]["url"] = redact_url(settings.redis.url)
+    return data
+
+
+def _load(config_path: Path) -> Settings:
+    return load_settings(config_path)
+
+
+def _setup_logging(settings: Settings | None, fmt: str | None, level: str | None) -> SecretScrubber:
+    from connectors import secrets_of
+
+    scrubber = configure_logging(
+        level=level or (settings.log.level if settings else "info"),
+        fmt=fmt or (settings.log.format if settings else "auto"),
+    )
+    if settings is not None:
+        scrubber.add(secrets_of(settings))
+    return scrubber
+
+
+def _fail(exc: CacheWorkerError, scrubber: SecretScrubber | None = None) -> int:
+    fields = describe_error(exc)
+    if scrubber is not None:
+        fields["error"] = scrubber.scrub(str(fields["error"]))
+    log.error("fatal", **fields)
+    return int(exc.exit_code)
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default=None,
+    help="JSON lines or console output; default: JSON unless stdout is a terminal.",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@click.option(
+    "--max-transactions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Burst mode: stop after applying this many transactions.",
+)
+@click.option("--until-idle", is_flag=True, help="Burst mode: stop once caught up with the log.")
+def run(
+    config_path: Path,
+    log_format: str | None,
+    log_level: str | None,
+    max_transactions: int | None,
+    until_idle: bool,
+) -> None:
+    """Follow the database log and apply every change to Redis until stopped."""
+    sys.exit(_run(config_path, log_format, log_level, max_transactions, until_idle))
+
+
+def _run(
+    config_path: Path,
+    log_format: str | None,
+    log_level: str | None,
+    max_transactions: int | None,
+    until_idle: bool,
+) -> int:
+    scrubber: SecretScrubber | None = None
+    try:
+        settings = _load(config_path)
+    except CacheWorkerError as exc:
+        _setup_logging(None, log_format, log_level)
+        return _fail(exc)
+    scrubber = _setup_logging(settings, log_format, log_level)
+    log.info("started", version=__version__, pid=os.getpid(), config=redacted_config(settings))
+
+    import connectors
+    from connectors.mysql import preflight
+
+    try:
+        rules = compile_rules(settings)
+        source = connectors.build_source(settings)
+        client = connectors.redis_client(settings)
+        sink = connectors.build_sink(client)
+        store = connectors.build_checkpoint_store(settings, client)
+    except CacheWorkerError as exc:
+        return _fail(exc, scrubber)
+    options = RunOptions(
+        batch_max_transactions=settings.batch.max_transactions,
+        batch_max_actions=settings.batch.max_actions,
+        batch_max_delay_s=settings.batch.max_delay,
+        queue_size=settings.batch.queue_size,
+        progress_interval_s=settings.log.progress_interval,
+        retry_max_backoff_s=settings.batch.retry_max_backoff,
+        max_transactions=max_transactions,
+        until_idle=until_idle,
+    )
+    mysql_opts = connectors.mysql_options(settings)
+    runner = Runner(
+        source,
+        sink,
+        store,
+        rules,
+        options,
+        describe_position=getattr(source, "describe_position", None),
+        preflight=lambda: preflight(mysql_opts),
+    )
+    _install_signal_handlers(runner)
+    try:
+        stats = runner.run()
+    except CacheWorkerError as exc:
+        return _fail(exc, scrubber)
+    finally:
+        sink.close()
+    log.info("exited", transactions=stats.transactions, rows=stats.rows, actions=stats.actions)
+    return int(ExitCode.OK)
+
+
+def _install_signal_handlers(runner: Runner) -> None:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if runner.stopping:
+            # rq's cold shutdown: a second signal means "now", checkpoint or not; the
+            # checkpoint only ever trails Redis, so nothing is lost by leaving here.
+            log.warning("forced_exit", signal=name)
+            os._exit(int(ExitCode.INTERRUPTED))
+        log.info("stopping", signal=name, hint="finishing the current batch; signal again to force")
+        runner.request_stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+@cli.command()
+@_config_option
+def check(config_path: Path) -> None:
+    """Check config, database, binlog settings, privileges, rule columns and Redis."""
+    sys.exit(_check(config_path))
+
+
+def _print_check(result: CheckResult, scrubber: SecretScrubber) -> None:
+    status = "ok  " if result.ok and not result.warning else ("warn" if result.ok else "FAIL")
+    detail = f": {scrubber.scrub(result.detail)}" if result.detail else ""
+    click.echo(f"{status}  {result.name}{detail}")
+
+
+def _check(config_path: Path) -> int:
+    from connectors import secrets_of
+
+    configure_logging(level="warning", fmt="auto", stream=sys.stderr)
+    try:
+        settings = _load(config_path)
+    except CacheWorkerError as exc:
+        click.echo(f"FAIL  config {config_path}:")
+        for line in str(exc).splitlines():
+            click.echo(f"        {line}")
+        return int(ExitCode.CHECK_FAILED)
+    scrubber = SecretScrubber(secrets_of(settings))
+    results = [CheckResult("config", True, f"{config_path} ({len(settings.rules)} rules)")]
+    results.extend(_check_all(settings))
+    for result in results:
+        _print_check(result, scrubber)
+    failed = sum(1 for r in results if not r.ok)
+    click.echo(f"{len(results) - failed} ok, {failed} failed")
+    return int(ExitCode.CHECK_FAILED if failed else ExitCode.OK)
+
+
+def _check_all(settings: Settings) -> list[CheckResult]:
+    import connectors
+
+    results: list[CheckResult] = []
+    rules = compile_rules(settings)
+    source = connectors.build_source(settings)
+    try:
+        source_checks = source.checks()
+        results.extend(source_checks)
+        if all(r.ok for r in source_checks if r.name.endswith("reachable")):
+            columns = {table: source.columns(table) for table in rules.tables}
+            problems = rules.problems_with_columns(columns)
+            results.extend(CheckResult("rules match schema", False, p) for p in problems)
+            if not problems:
+                results.append(
+                    CheckResult(
+                        "rules match schema",
+                        True,
+                        f"{len(rules.rules)} rules, {len(rules.tables)} tables",
+                    )
+                )
+    except CacheWorkerError as exc:
+        results.append(CheckResult("source", False, str(exc)))
+    finally:
+        source.close()
+
+    try:
+        client = connectors.redis_client(settings)
+        sink = connectors.build_sink(client)
+        redis_checks = sink.checks()
+        results.extend(redis_checks)
+        if all(r.ok for r in redis_checks):
+            results.append(_checkpoint_check(settings, client, source))
+        sink.close()
+    except CacheWorkerError as exc:
+        results.append(CheckResult("redis", False, str(exc)))
+    return results
+
+
+def _checkpoint_check(settings: Settings, client: Any, source: Any) -> CheckResult:
+    import connectors
+
+    store = connectors.build_checkpoint_store(settings, client)
+    try:
+        position = store.load()
+    except CacheWorkerError as exc:
+        return CheckResult("checkpoint", False, str(exc))
+    if position is None:
+        return CheckResult(
+            "checkpoint", True, f"none yet: run starts at the {settings.source.start} of the log"
+        )
+    available = getattr(source, "position_available", None)
+    if available is not None:
+        result: CheckResult = available(position)
+        return result
+    return CheckResult("checkpoint", True, str(position.to_dict()))
+
+
+@cli.command("reset-checkpoint")
+@_config_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset_checkpoint(config_path: Path, yes: bool) -> None:
+    """Forget the saved position: the next run starts at [source] start (end or beginning).
+
+    Use after exit code 5 (position lost). Keys changed while the position was lost may be
+    stale until they expire or are rewarmed; flush them if that matters.
+    """
+    import connectors
+
+    configure_logging(level="warning", fmt="auto", stream=sys.stderr)
+    try:
+        settings = _load(config_path)
+        client = connectors.redis_client(settings)
+        store = connectors.build_checkpoint_store(settings, client)
+        position = store.load()
+    except CacheWorkerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(int(exc.exit_code))
+    if position is None:
+        click.echo("no checkpoint saved; nothing to reset")
+        return
+    if not yes:
+        click.confirm(f"forget checkpoint {position.to_dict()}?", abort=True)
+    forget = getattr(store, "delete", None)
+    if forget is None:
+        click.echo("error: this checkpoint store cannot delete", err=True)
+        sys.exit(int(ExitCode.INTERNAL))
+    forget()
+    click.echo("checkpoint removed")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
