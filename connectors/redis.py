@@ -309,7 +309,8 @@ class RedisSink:
             return CheckResult(name, True, "unknown")
         maxmemory = values.get("maxmemory", "?")
         detail = f"maxmemory-policy {policy}, maxmemory {maxmemory}"
-        if policy.startswith(("volatile-", "allkeys-")):
+        if policy.startswith(("volatile-", "allkeys-")) or maxmemory == "0":
+            # With no memory limit the policy never comes into play.
             return CheckResult(name, True, detail)
         # noeviction: once maxmemory is reached Redis refuses writes and the worker stops with
         # a sink error instead of old entries making room.

@@ -433,8 +433,12 @@ def _container_postgres() -> PostgresServer:
 # --------------------------------------------------------------------------------------------
 
 
-def start_local_redis() -> RedisServer:
-    """Start ``redis-server`` in a temp dir on a free loopback port, without persistence."""
+def start_local_redis(extra_args: Sequence[str] = ()) -> RedisServer:
+    """Start ``redis-server`` in a temp dir on a free loopback port, without persistence.
+
+    ``extra_args`` come last on the command line (e.g. ``--tls-port``); the plain port stays open
+    so readiness can be checked the same way.
+    """
     binary = _find_binary("redis-server")
     root = _make_root("redis")
     port = free_port()
@@ -450,6 +454,7 @@ def start_local_redis() -> RedisServer:
         "--daemonize", "no",
         "--pidfile", str(root / "redis.pid"),
         "--logfile", str(root / "redis.log"),
+        *extra_args,
     ]  # fmt: skip
     server_holder: list[RedisServer] = []
     control = _LocalProcess(

@@ -139,6 +139,7 @@ def test_insert_update_delete_and_key_move(tmp_path, mariadb, shop, redis_server
         assert not redis_client.exists("user:email:new@x", "{user:1}:cw:v", "{user:1}:cw:lease")
         assert worker.stop() == 0
     assert worker.has_event("started") and worker.has_event("stopped")
+    assert mariadb.password not in worker.output()  # the DSN's password never reaches a log line
 
 
 def test_watch_when_and_hash_format(tmp_path, mariadb, shop, redis_server, redis_client):

@@ -412,6 +412,10 @@ def test_checks_report_version_and_eviction_policy(
         redis_client.config_set("maxmemory-policy", "noeviction")
         reachable, policy = sink.checks()
         assert reachable.ok and "(redis " in reachable.detail
+        # No memory limit: the policy never applies, nothing to warn about.
+        assert policy.ok and not policy.warning and "noeviction" in policy.detail
+        redis_client.config_set("maxmemory", "1gb")
+        policy = sink.checks()[1]
         assert policy.ok and policy.warning and "noeviction" in policy.detail
         for good in ("allkeys-lru", "volatile-ttl"):
             redis_client.config_set("maxmemory-policy", good)
@@ -419,6 +423,7 @@ def test_checks_report_version_and_eviction_policy(
             assert policy.ok and not policy.warning and good in policy.detail
     finally:
         redis_client.config_set("maxmemory-policy", original)
+        redis_client.config_set("maxmemory", "0")
 
 
 # ------------------------------------------------------------------------------------------

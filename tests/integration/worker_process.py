@@ -155,7 +155,9 @@ class WorkerProcess:
             self.kill()
 
 
-def run_cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    config: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a short CLI command (check, run --until-idle, ...) to completion."""
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args, "--config", str(config)],
@@ -164,4 +166,5 @@ def run_cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.Compl
         timeout=timeout,
         cwd=REPO,
         check=False,
+        env={**os.environ, **(env or {})},
     )
