@@ -15,6 +15,30 @@ from typing import Any
 Row = dict[str, Any]
 
 
+class _Unchanged:
+    """The type of ``UNCHANGED``."""
+
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+"""A column value the log did not carry because it did not change (Postgres unchanged TOAST).
+
+Never written to Redis: rules take the value from the old image, or evict instead of refreshing.
+"""
+
+
 class Op(enum.Enum):
     """What a row change did."""
 
@@ -81,6 +105,8 @@ class RowChange:
     before: Row | None
     after: Row | None
     version: int
+    partial: bool = False
+    """``after`` holds ``UNCHANGED`` values (sources set this so rules need not scan every row)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import structlog
 
 from worker.actions import CacheAction, Evict, Refresh
 from worker.encoding import encode_hash, encode_json, scalar_text
-from worker.events import Op, Row, RowChange, TableRef
+from worker.events import UNCHANGED, Op, Row, RowChange, TableRef
 
 log = structlog.get_logger("cache_worker.rules")
 
@@ -77,7 +77,7 @@ class KeyTemplate:
         parts = []
         for name in self.columns:
             value = row.get(name)
-            if value is None:
+            if value is None or value is UNCHANGED:
                 return None
             parts.append(scalar_text(value))
         # An empty key has no hash slot its companions could share, and no web tier asks for it.
@@ -196,8 +196,9 @@ class Rule:
 
     def actions_for(self, change: RowChange) -> list[CacheAction]:
         op = change.op
+        full_after = _fill_unchanged(change) if change.partial else change.after
         before = change.before if self.passes(change.before) else None
-        after = change.after if op is not Op.DELETE and self.passes(change.after) else None
+        after = full_after if op is not Op.DELETE and self.passes(full_after) else None
         old_keys = self.keys_of(before) if before is not None else []
         new_keys = self.keys_of(after) if after is not None else []
 
@@ -205,10 +206,10 @@ class Rule:
             op is Op.UPDATE
             and self.watch is not None
             and change.before is not None
-            and change.after is not None
+            and full_after is not None
             and old_keys == new_keys
             and (before is None) == (after is None)
-            and not self._watched_changed(change.before, change.after)
+            and not self._watched_changed(change.before, full_after)
         ):
             return []
 
@@ -225,10 +226,30 @@ class Rule:
         for key in old_keys:
             if key not in new_set:
                 actions.append(Evict(key, self.name, version))
+        if change.partial and self._misses_values(after):
+            # The log left out a value we would store (unchanged TOAST) and the old image has
+            # none: a placeholder must never reach Redis, so the readers reload from the database.
+            actions.extend(Evict(key, self.name, version) for key in dict.fromkeys(new_keys))
+            return actions
         value = self.payload(after)
         for key in dict.fromkeys(new_keys):
             actions.append(Refresh(key, value, self.ttl_for_write(), version, self.name))
         return actions
+
+    def _misses_values(self, row: Row) -> bool:
+        names = self.columns if self.columns is not None else row.keys()
+        return any(row.get(name) is UNCHANGED for name in names)
+
+
+def _fill_unchanged(change: RowChange) -> Row | None:
+    """``after`` with UNCHANGED values taken from ``before`` where the old image has them."""
+    after, before = change.after, change.before
+    if after is None or not before:
+        return after
+    return {
+        name: (before.get(name, value) if value is UNCHANGED else value)
+        for name, value in after.items()
+    }
 
 
 class RuleSet:

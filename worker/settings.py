@@ -95,6 +95,14 @@ class SourceSettings(_Section):
     ssl_cert: Path | None = None
     ssl_key: Path | None = None
     ssl_verify: bool = True
+    # Postgres only.
+    schema_name: str = Field(default="cache_worker", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    channel: str = Field(default="cache_worker", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    outbox_batch: int = Field(default=1000, ge=1, le=100_000)
+    poll_interval: Duration = 1.0
+    slot: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,63}$")
+    publication: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    max_changes: int = Field(default=5000, ge=1, le=1_000_000)
 
     @field_validator("dsn")
     @classmethod
@@ -290,6 +298,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file is passed as init values by load_settings; the environment wins over it.
         return (env_settings, init_settings)
+
+    def _pg_default_name(self) -> str:
+        """``cache_worker_<name>`` folded to a Postgres identifier (slot, publication)."""
+        return "cache_worker_" + re.sub(r"[^a-z0-9_]", "_", self.name.lower())[:50]
+
+    def slot_name(self) -> str:
+        return self.source.slot or self._pg_default_name()
+
+    def publication_name(self) -> str:
+        return self.source.publication or self._pg_default_name()
 
     def checkpoint_key(self) -> str:
         return self.checkpoint.key or f"cache-worker:checkpoint:{self.name}"

@@ -188,3 +188,23 @@ def test_empty_rendered_key_is_skipped():
     assert [a.key for a in r.actions_for(change(Op.INSERT, after={"id": 1, "code": ""}))] == [
         "user:1"
     ]
+
+
+def test_unchanged_toast_value_taken_from_old_image_or_evicted():
+    from worker.events import UNCHANGED
+
+    r = rule()
+    with_old = RowChange(
+        Op.UPDATE, USERS, {"id": 1, "bio": "long"}, {"id": 1, "bio": UNCHANGED}, 7, partial=True
+    )
+    [action] = r.actions_for(with_old)
+    assert isinstance(action, Refresh) and json.loads(action.value) == {"id": 1, "bio": "long"}
+
+    without_old = RowChange(
+        Op.UPDATE, USERS, {"id": 1}, {"id": 1, "bio": UNCHANGED}, 7, partial=True
+    )
+    assert r.actions_for(without_old) == [Evict("user:1", "r", 7)]
+    # A projection that does not store the unchanged column still refreshes.
+    narrow = rule(columns=("id",))
+    [action] = narrow.actions_for(without_old)
+    assert isinstance(action, Refresh) and json.loads(action.value) == {"id": 1}
