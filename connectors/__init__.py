@@ -7,6 +7,7 @@ never imports psycopg and the core can be imported with no driver at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     import redis
 
     from connectors.mysql import MySQLOptions
+    from connectors.postgres_common import PostgresOptions
     from connectors.redis import RedisOptions
     from worker.interfaces import CheckpointStore, Sink, Source
 
@@ -61,12 +63,73 @@ def _rule_tables(settings: Settings) -> list[Any]:
     return list(dict.fromkeys(TableRef.parse(rule.table) for rule in settings.rules))
 
 
+def postgres_options(settings: Settings) -> PostgresOptions:
+    """PostgresOptions from ``[source]`` (DSN, password from env/file, libpq SSL parameters)."""
+    from connectors.postgres_common import PostgresOptions
+
+    src = settings.source
+    ssl: dict[str, str] | None = None
+    if src.ssl or src.ssl_ca or src.ssl_cert:
+        ssl = {"sslmode": "verify-full" if src.ssl_verify else "require"}
+        if src.ssl_ca:
+            ssl["sslrootcert"] = str(src.ssl_ca)
+        if src.ssl_cert:
+            ssl["sslcert"] = str(src.ssl_cert)
+        if src.ssl_key:
+            ssl["sslkey"] = str(src.ssl_key)
+    return PostgresOptions(
+        dsn=src.dsn,
+        password=src.resolved_password(),
+        tables=tuple(_rule_tables(settings)),
+        name=settings.name,
+        start=src.start,
+        connect_timeout_s=src.connect_timeout,
+        ssl=ssl,
+        reconnect_max_backoff_s=settings.batch.retry_max_backoff,
+        poll_interval_s=src.poll_interval,
+        schema_name=src.schema_name,
+        channel=src.channel,
+        outbox_batch=src.outbox_batch,
+        slot=settings.slot_name(),
+        publication=settings.publication_name(),
+        max_changes=src.max_changes,
+        heartbeat_s=src.heartbeat,
+    )
+
+
 def build_source(settings: Settings) -> Source:
-    if settings.source.kind == "mysql":
+    kind = settings.source.kind
+    if kind == "mysql":
         from connectors.mysql import MySQLSource
 
         return MySQLSource(mysql_options(settings))
-    raise ConfigError(f"source.kind: {settings.source.kind!r} is not available in this build yet")
+    if kind == "postgres-notify":
+        from connectors.postgres_notify import PostgresNotifySource
+
+        return PostgresNotifySource(postgres_options(settings))
+    if kind == "postgres-logical":
+        from connectors.postgres_logical import PostgresLogicalSource
+
+        return PostgresLogicalSource(postgres_options(settings))
+    raise ConfigError(f"source.kind: {kind!r} is not a known source")
+
+
+def preflight(settings: Settings) -> Callable[[], None]:
+    """The start-up check of the configured source, as a callable the run loop retries."""
+    kind = settings.source.kind
+    if kind == "mysql":
+        from connectors.mysql import preflight as mysql_preflight
+
+        mysql_opts = mysql_options(settings)
+        return lambda: mysql_preflight(mysql_opts)
+    pg_opts = postgres_options(settings)
+    if kind == "postgres-notify":
+        from connectors.postgres_notify import preflight as notify_preflight
+
+        return lambda: notify_preflight(pg_opts)
+    from connectors.postgres_logical import preflight as logical_preflight
+
+    return lambda: logical_preflight(pg_opts)
 
 
 def redis_options(settings: Settings) -> RedisOptions:
@@ -124,6 +187,8 @@ __all__ = [
     "build_sink",
     "build_source",
     "mysql_options",
+    "postgres_options",
+    "preflight",
     "redis_client",
     "redis_options",
     "secrets_of",

@@ -1,7 +1,8 @@
 """The ``cache-worker`` command line: the only place that wires adapters to the core.
 
 Commands: ``run`` (the daemon), ``check`` (preflight, one line per check, non-zero on any FAIL),
-``reset-checkpoint`` (forget the position, after a PositionLost) and ``--version``. Exit codes are
+``setup``/``teardown`` (what a Postgres source needs), ``reset-checkpoint`` (forget the
+position, after a PositionLost) and ``--version``. Exit codes are
 ``worker.errors.ExitCode`` and are listed in ``--help`` and the README.
 """
 
@@ -53,7 +54,7 @@ _config_option = click.option(
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cache-worker")
 def cli() -> None:
-    """Keep a Redis cache warm and correct from the MySQL/MariaDB binlog."""
+    """Keep a Redis cache warm and correct from the MySQL/MariaDB binlog or Postgres."""
 
 
 def redacted_config(settings: Settings) -> dict[str, Any]:
@@ -132,7 +133,6 @@ def _run(
     log.info("started", version=__version__, pid=os.getpid(), config=redacted_config(settings))
 
     import connectors
-    from connectors.mysql import preflight
 
     try:
         rules = compile_rules(settings)
@@ -152,7 +152,6 @@ def _run(
         max_transactions=max_transactions,
         until_idle=until_idle,
     )
-    mysql_opts = connectors.mysql_options(settings)
     runner = Runner(
         source,
         sink,
@@ -160,7 +159,7 @@ def _run(
         rules,
         options,
         describe_position=getattr(source, "describe_position", None),
-        preflight=lambda: preflight(mysql_opts),
+        preflight=connectors.preflight(settings),
     )
     _install_signal_handlers(runner)
     try:
@@ -278,6 +277,54 @@ def _checkpoint_check(settings: Settings, client: Any, source: Any) -> CheckResu
         result: CheckResult = available(position)
         return result
     return CheckResult("checkpoint", True, str(position.to_dict()))
+
+
+def _schema_command(config_path: Path, dry_run: bool, action: str) -> int:
+    import connectors
+
+    configure_logging(level="warning", fmt="auto", stream=sys.stderr)
+    try:
+        settings = _load(config_path)
+        source = connectors.build_source(settings)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
+    method = getattr(source, action, None)
+    if method is None:
+        click.echo(f"{settings.source.kind} needs no {action}: nothing to do")
+        return int(ExitCode.OK)
+    try:
+        statements: list[str] = method(dry_run=dry_run)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
+    finally:
+        source.close()
+    for statement in statements:
+        click.echo(statement.rstrip().rstrip(";") + ";")
+    if not dry_run:
+        click.echo(f"-- {action} done: {len(statements)} statements", err=True)
+    return int(ExitCode.OK)
+
+
+@cli.command()
+@_config_option
+@click.option("--dry-run", is_flag=True, help="Print the SQL instead of running it.")
+def setup(config_path: Path, dry_run: bool) -> None:
+    """Create what a Postgres source needs (idempotent).
+
+    postgres-notify: the outbox schema, trigger function and a trigger on every rule table.
+    postgres-logical: the publication of the rule tables and the logical replication slot.
+    """
+    sys.exit(_schema_command(config_path, dry_run, "setup"))
+
+
+@cli.command()
+@_config_option
+@click.option("--dry-run", is_flag=True, help="Print the SQL instead of running it.")
+def teardown(config_path: Path, dry_run: bool) -> None:
+    """Remove everything ``setup`` created (triggers, outbox, or slot and publication)."""
+    sys.exit(_schema_command(config_path, dry_run, "teardown"))
 
 
 @cli.command("reset-checkpoint")

@@ -60,9 +60,9 @@ def write_config(
     source: dict[str, Any] | None = None,
     extra: str = "",
 ) -> Path:
-    lines = [f"name = {toml_value(name)}", "", "[source]", 'kind = "mysql"']
+    lines = [f"name = {toml_value(name)}", "", "[source]"]
     lines.append(f"dsn = {toml_value(source_dsn)}")
-    for key, value in {"heartbeat": "0.2s", **(source or {})}.items():
+    for key, value in {"kind": "mysql", "heartbeat": "0.2s", **(source or {})}.items():
         lines.append(f"{key} = {toml_value(value)}")
     lines += [
         "",
