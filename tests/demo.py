@@ -1,7 +1,8 @@
-"""``make demo``: cache-worker on a live MariaDB and Redis, narrating what happens to each key.
+"""``make demo``: cache-worker on a live database and Redis, narrating what happens to each key.
 
-Starts MariaDB and Redis as local processes on free loopback ports under ``.demo/`` (the same
-machinery the integration tests use), creates a small ``shop`` schema, runs the real
+Starts MariaDB (or Postgres, ``--source postgres-notify|postgres-logical``) and Redis as local
+processes on free loopback ports under ``.demo/`` (the same machinery the integration tests use),
+creates a small ``shop`` schema (and runs ``cache-worker setup`` on Postgres), runs the real
 ``cache-worker run`` with a demo config, performs a few inserts, updates and deletes, and prints
 each key's new value and TTL as Redis reports the change (keyspace notifications). Then it keeps
 everything running so you can try your own SQL, until Ctrl-C stops all it started.
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / ".demo"
 REPL_PASSWORD = "demo-replica-pw"
 
-SCHEMA = [
+MYSQL_SCHEMA = [
     "CREATE DATABASE shop",
     """CREATE TABLE shop.users (
          id INT PRIMARY KEY, name VARCHAR(100), email VARCHAR(200),
@@ -36,6 +37,25 @@ SCHEMA = [
     f"CREATE USER 'cache_worker'@'127.0.0.1' IDENTIFIED BY '{REPL_PASSWORD}'",
     "GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO 'cache_worker'@'127.0.0.1'",
     "GRANT SELECT ON shop.* TO 'cache_worker'@'127.0.0.1'",
+]
+
+# The same tables in a "shop" schema, so the scripted SQL below runs unchanged on Postgres.
+POSTGRES_SCHEMA = [
+    "CREATE SCHEMA shop",
+    """CREATE TABLE shop.users (
+         id INT PRIMARY KEY, name VARCHAR(100), email VARCHAR(200),
+         status VARCHAR(20) NOT NULL DEFAULT 'active', balance DECIMAL(10,2),
+         updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3))""",
+    "CREATE TABLE shop.orders (id INT PRIMARY KEY, user_id INT NOT NULL, total DECIMAL(10,2))",
+    # Logical decoding then carries whole old rows, so moved keys are evicted too.
+    "ALTER TABLE shop.users REPLICA IDENTITY FULL",
+    "ALTER TABLE shop.orders REPLICA IDENTITY FULL",
+    f"CREATE ROLE cache_worker LOGIN REPLICATION PASSWORD '{REPL_PASSWORD}'",
+    "GRANT USAGE, CREATE ON SCHEMA shop TO cache_worker",
+    "GRANT SELECT, TRIGGER ON ALL TABLES IN SCHEMA shop TO cache_worker",
+    "GRANT CREATE ON DATABASE postgres TO cache_worker",
+    "ALTER TABLE shop.users OWNER TO cache_worker",
+    "ALTER TABLE shop.orders OWNER TO cache_worker",
 ]
 
 STEPS = [
@@ -73,15 +93,21 @@ STEPS = [
 ]
 
 
-def demo_config(mysql_port: int, redis_url: str) -> str:
+def demo_config(source: str, port: int, redis_url: str) -> str:
+    dsn = (
+        f"mysql://cache_worker@127.0.0.1:{port}/shop"
+        if source == "mysql"
+        else f"postgresql://cache_worker@127.0.0.1:{port}/postgres"
+    )
     return f"""\
 name = "demo"
 
 [source]
-kind = "mysql"
-dsn = "mysql://cache_worker@127.0.0.1:{mysql_port}/shop"
-password_file = "{DEMO_DIR / "mysql-password"}"
+kind = "{source}"
+dsn = "{dsn}"
+password_file = "{DEMO_DIR / "db-password"}"
 heartbeat = "1s"
+poll_interval = "1s"
 
 [redis]
 url = "{redis_url}"
@@ -142,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--source",
         default="mysql",
-        choices=["mysql"],
-        help="which source to demonstrate (Postgres sources are planned)",
+        choices=["mysql", "postgres-notify", "postgres-logical"],
+        help="which source to demonstrate",
     )
     parser.add_argument("--once", action="store_true", help="exit after the scripted steps")
     parser.add_argument("--pause", type=float, default=1.5, help="seconds between steps")
@@ -153,39 +179,38 @@ def main(argv: list[str] | None = None) -> int:
     DEMO_DIR.mkdir()
     # The servers' data directories go under .demo/ rather than /tmp.
     tempfile.tempdir = str(DEMO_DIR)
-    from tests.services import close_all, start_local_mariadb, start_local_redis
+    from tests.services import close_all, start_local_redis
 
     worker: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     seen: list[str] = []
+    database = "MariaDB" if args.source == "mysql" else "PostgreSQL"
     try:
-        print("starting MariaDB and Redis under .demo/ ...", flush=True)
-        mariadb = start_local_mariadb()
+        print(f"starting {database} and Redis under .demo/ ...", flush=True)
+        db = DemoDatabase(args.source)
         redis_server = start_local_redis()
-        for statement in SCHEMA:
-            mariadb.admin_sql(statement)
-        (DEMO_DIR / "mysql-password").write_text(REPL_PASSWORD)
+        (DEMO_DIR / "db-password").write_text(REPL_PASSWORD)
         config = DEMO_DIR / "config.toml"
-        config.write_text(demo_config(mariadb.port, redis_server.url()))
+        config.write_text(demo_config(args.source, db.port, redis_server.url()))
+        if args.source != "mysql":
+            setup = subprocess.run(
+                [sys.executable, "-m", "worker.cli", "setup", "--config", str(config)],
+                capture_output=True, text=True, cwd=REPO, check=False,
+            )  # fmt: skip
+            if setup.returncode != 0:
+                raise SystemExit(f"cache-worker setup failed:\n{setup.stdout}{setup.stderr}")
+            print(f"  ran `cache-worker setup`: {len(setup.stdout.splitlines())} SQL statements")
         client = redis_server.client(decode_responses=True)
         client.config_set("notify-keyspace-events", "KA")
-        print(f"  MariaDB  127.0.0.1:{mariadb.port}  (root / {mariadb.password})")
-        print(f"  Redis    {redis_server.url()}")
-        print(f"  config   {config.relative_to(REPO)}\n")
+        print(f"  {database:<10} 127.0.0.1:{db.port}  ({db.admin_hint})")
+        print(f"  Redis      {redis_server.url()}")
+        print(f"  config     {config.relative_to(REPO)}\n")
 
         log_path = DEMO_DIR / "worker.log"
+        command = [sys.executable, "-m", "worker.cli", "run", "--config", str(config)]
         with log_path.open("wb") as log_file:
             worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "worker.cli",
-                    "run",
-                    "--config",
-                    str(config),
-                    "--log-format",
-                    "json",
-                ],
+                [*command, "--log-format", "json"],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -201,19 +226,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  web    user:{user_id}:orders cached by the web tier (cache-aside fill)")
         time.sleep(0.3)
         for title, statement in STEPS:
-            print(f"-- {title}\n  mysql> {statement}", flush=True)
-            mariadb.admin_sql(statement)
+            print(f"-- {title}\n  {db.prompt}> {statement}", flush=True)
+            db.execute(statement)
             time.sleep(args.pause)
         print("\nkeys now in Redis:")
-        for key in sorted(
+        left = sorted(
             k for k in client.scan_iter() if ":cw:" not in k and not k.startswith("cache-worker:")
-        ):
+        )
+        for key in left:
             print("  " + _describe_key(client, key, "get"))
+        if not left:
+            print("  (none)")
         if args.once:
             return 0 if seen else 1
         print(
-            f"\nTry your own SQL:  mariadb -h127.0.0.1 -P{mariadb.port} -uroot -p{mariadb.password}"
-            " shop\nand watch the keys change here. Ctrl-C stops everything.",
+            f"\nTry your own SQL:  {db.client_command}\n"
+            "and watch the keys change here. Ctrl-C stops everything.",
             flush=True,
         )
         signal.signal(signal.SIGTERM, _interrupt)
@@ -232,7 +260,44 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
         close_all()
-        print("\nstopped the worker, MariaDB and Redis.", flush=True)
+        print(f"\nstopped the worker, {database} and Redis.", flush=True)
+
+
+class DemoDatabase:
+    """The demo's database server with the shop schema, for MySQL or Postgres."""
+
+    def __init__(self, source: str) -> None:
+        from tests.services import start_local_mariadb, start_local_postgres
+
+        if source == "mysql":
+            self.mysql = start_local_mariadb()
+            self.port = self.mysql.port
+            for statement in MYSQL_SCHEMA:
+                self.mysql.admin_sql(statement)
+            self.prompt = "mysql"
+            self.admin_hint = f"root / {self.mysql.password}"
+            self.client_command = (
+                f"mariadb -h127.0.0.1 -P{self.port} -uroot -p{self.mysql.password} shop"
+            )
+            self.postgres = None
+        else:
+            self.postgres = start_local_postgres()
+            self.port = self.postgres.port
+            with self.postgres.connect() as conn:
+                for statement in POSTGRES_SCHEMA:
+                    conn.execute(statement)
+            self.prompt = "psql"
+            self.admin_hint = f"{self.postgres.user} / {self.postgres.password}"
+            self.client_command = f"psql {self.postgres.dsn()}"
+            self.mysql = None
+
+    def execute(self, statement: str) -> None:
+        if self.mysql is not None:
+            self.mysql.admin_sql(statement)
+            return
+        assert self.postgres is not None
+        with self.postgres.connect() as conn:
+            conn.execute(statement)
 
 
 def _interrupt(signum: int, frame: object) -> None:
