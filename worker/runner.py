@@ -345,6 +345,15 @@ class _Progress:
         else:
             lag = None
         sink_refusals = getattr(self._runner.sink, "stale_refusals", None)
+        # Source-specific health (retained WAL of a slot, outbox backlog); optional and never
+        # allowed to break the loop: a failing probe just leaves the fields out.
+        extra: dict[str, object] = {}
+        probe = getattr(self._runner.source, "progress_fields", None)
+        if probe is not None:
+            try:
+                extra = dict(probe())
+            except Exception as exc:  # noqa: BLE001
+                extra = {"source_probe_error": type(exc).__name__}
         log.info(
             "stopped" if final else "progress",
             rows_per_s=round((stats.rows - self._last_rows) / elapsed, 1),
@@ -358,6 +367,7 @@ class _Progress:
             lag_s=None if lag is None else round(lag, 3),
             queue_depth=self._runner._queue.qsize(),
             position=(self._runner._describe(stats.last_position) if stats.last_position else None),
+            **extra,
         )
         self._last_at = now
         self._last_rows = stats.rows
