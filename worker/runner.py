@@ -352,7 +352,7 @@ class _Progress:
         if probe is not None:
             try:
                 extra = dict(probe())
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 extra = {"source_probe_error": type(exc).__name__}
         log.info(
             "stopped" if final else "progress",
