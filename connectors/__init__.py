@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from connectors.mysql import MySQLOptions
     from connectors.postgres_common import PostgresOptions
     from connectors.redis import RedisOptions
-    from worker.interfaces import CheckpointStore, Sink, Source
+    from worker.interfaces import CheckpointStore, CheckResult, Sink, Source
+    from worker.rules import RuleSet
 
 
 def mysql_options(settings: Settings) -> MySQLOptions:
@@ -132,6 +133,17 @@ def preflight(settings: Settings) -> Callable[[], None]:
     return lambda: logical_preflight(pg_opts)
 
 
+def source_checks(settings: Settings, source: Source, rules: RuleSet) -> list[CheckResult]:
+    """The source's ``check`` lines; the logical source also judges replica identity per rule."""
+    if settings.source.kind == "postgres-logical":
+        from connectors.postgres_common import old_image_columns
+
+        checks = getattr(source, "checks")  # noqa: B009 - the protocol's checks() takes no argument
+        result: list[CheckResult] = checks(key_columns=old_image_columns(rules.rules))
+        return result
+    return source.checks()
+
+
 def redis_options(settings: Settings) -> RedisOptions:
     from connectors.redis import RedisOptions
 
@@ -192,4 +204,5 @@ __all__ = [
     "redis_client",
     "redis_options",
     "secrets_of",
+    "source_checks",
 ]

@@ -228,7 +228,7 @@ def _check_all(settings: Settings) -> list[CheckResult]:
     rules = compile_rules(settings)
     source = connectors.build_source(settings)
     try:
-        source_checks = source.checks()
+        source_checks = connectors.source_checks(settings, source, rules)
         results.extend(source_checks)
         if all(r.ok for r in source_checks if r.name.endswith("reachable")):
             columns = {table: source.columns(table) for table in rules.tables}

@@ -215,6 +215,12 @@ class Rule:
 
         version = change.version
         actions: list[CacheAction] = []
+        if op is Op.UPDATE and change.before is None and after is None and full_after is not None:
+            # No old image (Postgres DEFAULT replica identity) and the new row fails `when`: it
+            # may have just left the filter, so its keys must not keep the old value.
+            return [
+                Evict(key, self.name, version) for key in dict.fromkeys(self.keys_of(full_after))
+            ]
         if self.action == "evict" or after is None:
             seen: set[str] = set()
             for key in (*old_keys, *new_keys):

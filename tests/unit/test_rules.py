@@ -208,3 +208,9 @@ def test_unchanged_toast_value_taken_from_old_image_or_evicted():
     narrow = rule(columns=("id",))
     [action] = narrow.actions_for(without_old)
     assert isinstance(action, Refresh) and json.loads(action.value) == {"id": 1}
+
+
+def test_update_without_old_image_leaving_when_evicts_new_keys():
+    r = rule(when={"status": "active"})
+    no_old = RowChange(Op.UPDATE, USERS, None, {"id": 1, "status": "banned"}, 7)
+    assert r.actions_for(no_old) == [Evict("user:1", "r", 7)]
