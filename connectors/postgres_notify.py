@@ -1,0 +1,1261 @@
+"""The ``postgres-notify`` ``Source`` (Postgres 13+, no replication privilege): statement-level
+triggers copy each change into an outbox table, a NOTIFY wakes the worker, and the worker consumes
+the outbox in id order. It owns the outbox schema and capture triggers (``setup``/``teardown`` and
+their SQL), consuming under row locks and deleting only what the run loop acknowledged, the
+advisory locks that make one worker the consumer and let writers skip NOTIFY while it is awake,
+turning ``to_jsonb`` rows back into the values the logical source produces, reconnecting with
+backoff, and the checks behind ``cache-worker check`` and ``run``. The outbox, not the checkpoint,
+is the durable state: rows written while no worker runs wait there, and a worker that dies before
+its batch is acknowledged leaves the rows for the next consumer (a duplicate is harmless, a loss
+is not), so ``start`` = ``end`` and ``beginning`` both mean "what is in the outbox now". LISTEN and
+the session-level consumer lock need a direct connection or session pooling: behind a pgbouncer
+*transaction* pool NOTIFYs are lost and nobody in particular holds the consumer lock, yet rows
+are still found every ``poll_interval_s`` and the transaction-level lock each batch takes still
+keeps two workers from consuming at once; only "one active, the others standby" is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from connectors.postgres_common import (
+    CHECK_REACHABLE,
+    ColumnInfo,
+    PostgresOptions,
+    TextDecoder,
+    base_checks,
+    close_quietly,
+    connect,
+    error_text,
+    qualified,
+    table_columns,
+    translate_error,
+)
+from worker.errors import (
+    CacheWorkerError,
+    SchemaError,
+    SourceError,
+    SourceMisconfigured,
+)
+from worker.events import Heartbeat, Op, Position, RowChange, SourceItem, TableRef, Transaction
+from worker.interfaces import CheckResult
+
+log = structlog.get_logger("cache_worker.source.postgres_notify")
+_T = TypeVar("_T")
+
+KIND = "postgres-notify"
+SETUP_HINT = "run `cache-worker setup --config <file>`"
+
+CHECK_OUTBOX = "outbox schema"
+CHECK_TRIGGERS = "triggers"
+CHECK_BACKLOG = "outbox backlog"
+CHECK_PRIVILEGES = "outbox privileges"
+
+OUTBOX_TABLE = "outbox"
+# Transition table names inside the capture functions; not visible outside a trigger call.
+_OLD_TABLE = "cache_worker_old"
+_NEW_TABLE = "cache_worker_new"
+_FUNCTION_PREFIX = "capture_"
+_OPS = {"insert": Op.INSERT, "update": Op.UPDATE, "delete": Op.DELETE, "truncate": Op.TRUNCATE}
+_TRIGGER_OPS = ("insert", "update", "delete", "truncate", "row")
+
+# Waits are sliced so a close() that could not interrupt the socket still ends them soon.
+_WAIT_SLICE_S = 0.5
+_STANDBY_RETRY_S = 1.0
+# How long close() lets an acknowledged batch finish its DELETE and COMMIT.
+_CLOSE_GRACE_S = 2.0
+BACKLOG_WARN_AGE_S = 60.0
+BACKLOG_WARN_FACTOR = 10
+_MAX_IDENTIFIER = 63
+
+_JSON_OIDS = frozenset({114, 3802})
+_TEXT_OIDS = frozenset({25, 1043, 1042, 19})
+_INT_OIDS = frozenset({20, 21, 23})
+_BOOL_OID = 16
+# Numbers with a fraction stay exact (numeric columns); one decoder, not one per json.loads call.
+_JSON = json.JSONDecoder(parse_float=Decimal)
+
+
+# ------------------------------------------------------------------------------------------
+# Names
+# ------------------------------------------------------------------------------------------
+
+
+def _ident(text: str) -> str:
+    """``text`` if it fits Postgres' 63-byte identifiers, else a prefix plus a hash of the rest."""
+    if len(text.encode("utf-8")) <= _MAX_IDENTIFIER:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    prefix = text.encode("utf-8")[: _MAX_IDENTIFIER - 9].decode("utf-8", "ignore")
+    return f"{prefix}_{digest}"
+
+
+def trigger_name(schema_name: str, op: str) -> str:
+    """The name of one capture trigger: ``<schema_name>_<op>`` (op: insert ... truncate, row).
+
+    The outbox schema name is in it so two workers with different schemas can capture the same
+    table without replacing each other's triggers.
+    """
+    return _ident(f"{schema_name}_{op}")
+
+
+def function_name(table: TableRef) -> str:
+    """The capture function of ``table`` (in the outbox schema); the hash keeps ``a_b.c`` and
+    ``a.b_c`` apart."""
+    digest = hashlib.sha1(f"{table.schema}\x00{table.name}".encode()).hexdigest()[:8]
+    return _ident(f"{_FUNCTION_PREFIX}{table.schema[:20]}_{table.name[:24]}_{digest}")
+
+
+def lock_key(schema_name: str) -> int:
+    """The session advisory lock key that makes one worker per outbox the consumer."""
+    digest = hashlib.blake2b(f"cache-worker:outbox:{schema_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def batch_lock_key(schema_name: str) -> int:
+    """The transaction advisory lock key every batch takes (see the module docstring)."""
+    digest = hashlib.blake2b(f"cache-worker:batch:{schema_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def sleep_lock_key(schema_name: str) -> int:
+    """The advisory lock the consumer holds while it sleeps; see ``capture_function_sql``."""
+    digest = hashlib.blake2b(f"cache-worker:sleep:{schema_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def make_position(version: int, outbox_id: int) -> Position:
+    """A checkpointable position after the outbox row ``outbox_id``."""
+    return Position(version, {"id": outbox_id})
+
+
+def describe_position(position: Position) -> str:
+    """Short human text such as ``outbox id 1234``."""
+    return f"outbox id {position.coords.get('id', '?')}"
+
+
+# ------------------------------------------------------------------------------------------
+# The SQL of setup and teardown
+# ------------------------------------------------------------------------------------------
+
+
+def _outbox(options: PostgresOptions) -> sql.Composable:
+    return sql.Identifier(options.schema_name, OUTBOX_TABLE)
+
+
+def outbox_sql(options: PostgresOptions) -> list[sql.Composed]:
+    """The schema and outbox table, idempotently."""
+    schema = sql.Identifier(options.schema_name)
+    outbox = _outbox(options)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (\n"
+            "  id bigserial PRIMARY KEY,\n"
+            "  txid xid8 NOT NULL DEFAULT pg_current_xact_id(),\n"
+            "  op text NOT NULL,\n"
+            "  table_schema text NOT NULL,\n"
+            "  table_name text NOT NULL,\n"
+            "  old jsonb,\n"
+            "  new jsonb,\n"
+            "  created_at timestamptz NOT NULL DEFAULT clock_timestamp()\n"
+            ")"
+        ).format(outbox),
+        # A queue table: rows are inserted and deleted all day, and the consumer's index scan
+        # from the lowest id walks over dead entries until vacuum removes them, so vacuum it
+        # after a fixed number of dead rows instead of a fraction of its (small) size.
+        sql.SQL(
+            "ALTER TABLE {} SET (autovacuum_vacuum_scale_factor = 0, "
+            "autovacuum_vacuum_threshold = 5000)"
+        ).format(outbox),
+        sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            outbox,
+            sql.Literal(
+                "cache-worker postgres-notify outbox: row changes waiting for the worker; "
+                "remove with `cache-worker teardown`"
+            ),
+        ),
+    ]
+
+
+def _dollar_quote(body: str) -> str:
+    tag = "cache_worker"
+    while f"${tag}$" in body:
+        tag += "_"
+    return f"${tag}${body}${tag}$"
+
+
+def _insert_prefix(options: PostgresOptions, columns: str) -> sql.Composable:
+    return sql.SQL("INSERT INTO {} (op, table_schema, table_name{})").format(
+        _outbox(options), sql.SQL(columns)
+    )
+
+
+def capture_function_sql(
+    options: PostgresOptions, table: TableRef, primary_key: Sequence[str]
+) -> sql.Composed:
+    """``CREATE OR REPLACE FUNCTION`` of the table's capture function.
+
+    With a primary key it serves the statement-level triggers: each statement costs one
+    ``INSERT ... SELECT`` from its transition tables and at most one NOTIFY, however many rows it
+    changed. An UPDATE pairs old and new rows by primary key; an old row without a new partner is
+    a delete and a new row without an old partner an insert, which is what a changed primary key
+    means to a cache. Deletes are written first, then updates, then inserts, so a later row never
+    evicts a key an earlier row of the same statement just refreshed. Without a primary key the
+    function is a row-level trigger. It runs as its owner (SECURITY DEFINER), so the application
+    needs no privilege on the outbox, with a fixed search_path because of that.
+
+    NOTIFY is costly at commit: Postgres serialises the commits of all notifying transactions
+    of the cluster behind one lock (and their WAL flushes with it). So a writer notifies only
+    when the consumer sleeps, which it signals by holding ``sleep_lock_key`` exclusively. A
+    writer that gets the lock shared knows the consumer is awake and skips the NOTIFY; holding
+    that shared lock until its commit makes a consumer that wants to sleep wait for the commit,
+    and the consumer looks at the outbox once more after it got the lock, so no change is left
+    waiting for the poll. Under load the consumer is rarely asleep and writers rarely notify.
+    """
+    schema_lit = sql.Literal(table.schema)
+    name_lit = sql.Literal(table.name)
+    channel = sql.Literal(options.channel)
+    notify = sql.SQL(
+        "IF NOT pg_try_advisory_xact_lock_shared({}) THEN\n"
+        "      PERFORM pg_notify({}, '');\n"
+        "    END IF;"
+    ).format(sql.Literal(sleep_lock_key(options.schema_name)), channel)
+    truncate = sql.SQL("{} VALUES ('truncate', {}, {});").format(
+        _insert_prefix(options, ""), schema_lit, name_lit
+    )
+    body: sql.Composable
+    if primary_key:
+        old, new = sql.Identifier(_OLD_TABLE), sql.Identifier(_NEW_TABLE)
+        pk = [sql.Identifier(c) for c in primary_key]
+        join = sql.SQL(" AND ").join(sql.SQL("o.{0} = n.{0}").format(c) for c in pk)
+        # Primary key columns are NOT NULL, so a NULL one marks the missing side of the join.
+        kind = sql.SQL("CASE WHEN n.{0} IS NULL THEN {1} WHEN o.{0} IS NULL THEN {2} ELSE {3} END")
+        op_case = kind.format(
+            pk[0], sql.Literal("delete"), sql.Literal("insert"), sql.Literal("update")
+        )
+        order_case = kind.format(pk[0], sql.Literal(0), sql.Literal(2), sql.Literal(1))
+        body = sql.SQL(
+            "\nBEGIN\n"
+            "  IF TG_OP = 'INSERT' THEN\n"
+            "    {ins_new}\n"
+            "    SELECT 'insert', {s}, {t}, to_jsonb(n.*) FROM {new} AS n;\n"
+            "  ELSIF TG_OP = 'UPDATE' THEN\n"
+            "    {ins_both}\n"
+            "    SELECT {op_case}, {s}, {t}, to_jsonb(o.*), to_jsonb(n.*)\n"
+            "    FROM {old} AS o FULL JOIN {new} AS n ON {join}\n"
+            "    ORDER BY {order_case};\n"
+            "  ELSIF TG_OP = 'DELETE' THEN\n"
+            "    {ins_old}\n"
+            "    SELECT 'delete', {s}, {t}, to_jsonb(o.*) FROM {old} AS o;\n"
+            "  ELSE\n"
+            "    {truncate}\n"
+            "  END IF;\n"
+            "  IF FOUND THEN\n"
+            "    {notify}\n"
+            "  END IF;\n"
+            "  RETURN NULL;\n"
+            "END\n"
+        ).format(
+            ins_new=_insert_prefix(options, ", new"),
+            ins_old=_insert_prefix(options, ", old"),
+            ins_both=_insert_prefix(options, ", old, new"),
+            s=schema_lit,
+            t=name_lit,
+            old=old,
+            new=new,
+            join=join,
+            op_case=op_case,
+            order_case=order_case,
+            truncate=truncate,
+            notify=notify,
+        )
+    else:
+        body = sql.SQL(
+            "\nBEGIN\n"
+            "  IF TG_OP = 'TRUNCATE' THEN\n"
+            "    {truncate}\n"
+            "  ELSE\n"
+            "    {ins_both}\n"
+            "    VALUES (lower(TG_OP), {s}, {t},\n"
+            "            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,\n"
+            "            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n"
+            "  END IF;\n"
+            "  {notify}\n"
+            "  RETURN NULL;\n"
+            "END\n"
+        ).format(
+            truncate=truncate,
+            ins_both=_insert_prefix(options, ", old, new"),
+            s=schema_lit,
+            t=name_lit,
+            notify=notify,
+        )
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger\n"
+        "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp\n"
+        "AS {body}"
+    ).format(
+        fn=sql.Identifier(options.schema_name, function_name(table)),
+        body=_BodyText(body),
+    )
+
+
+class _BodyText(sql.Composable):
+    """A function body rendered at ``as_string`` time and dollar-quoted with a free tag."""
+
+    def __init__(self, body: sql.Composable) -> None:
+        super().__init__(body)
+        self._body = body
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        conn = getattr(context, "connection", None)
+        encoding = conn.info.encoding if conn is not None else "utf-8"
+        return _dollar_quote(self._body.as_string(context)).encode(encoding)
+
+
+def trigger_sql(
+    options: PostgresOptions, table: TableRef, primary_key: Sequence[str]
+) -> list[sql.Composed]:
+    """Drop every capture trigger this schema may have left on ``table``, create the right ones.
+
+    Dropping and creating in the one setup transaction leaves no moment without capture.
+    """
+    target = qualified(table)
+    fn = sql.Identifier(options.schema_name, function_name(table))
+    names = {op: sql.Identifier(trigger_name(options.schema_name, op)) for op in _TRIGGER_OPS}
+    statements: list[sql.Composed] = [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(names[op], target) for op in _TRIGGER_OPS
+    ]
+    create = "CREATE TRIGGER {name} AFTER {event} ON {table}{referencing} FOR EACH {level} "
+    create += "EXECUTE FUNCTION {fn}()"
+    specs: list[tuple[str, str, str, str]]
+    if primary_key:
+        specs = [
+            ("insert", "INSERT", f" REFERENCING NEW TABLE AS {_NEW_TABLE}", "STATEMENT"),
+            (
+                "update",
+                "UPDATE",
+                f" REFERENCING OLD TABLE AS {_OLD_TABLE} NEW TABLE AS {_NEW_TABLE}",
+                "STATEMENT",
+            ),
+            ("delete", "DELETE", f" REFERENCING OLD TABLE AS {_OLD_TABLE}", "STATEMENT"),
+        ]
+    else:
+        specs = [("row", "INSERT OR UPDATE OR DELETE", "", "ROW")]
+    specs.append(("truncate", "TRUNCATE", "", "STATEMENT"))
+    for op, event, referencing, level in specs:
+        statements.append(
+            sql.SQL(create).format(
+                name=names[op],
+                event=sql.SQL(event),
+                table=target,
+                referencing=sql.SQL(referencing),
+                level=sql.SQL(level),
+                fn=fn,
+            )
+        )
+    return statements
+
+
+# ------------------------------------------------------------------------------------------
+# Catalog reads
+# ------------------------------------------------------------------------------------------
+
+
+def primary_key(conn: psycopg.Connection[Any], table: TableRef) -> tuple[str, ...] | None:
+    """The primary key columns in key order, ``()`` without one, None if the table is missing."""
+    row = conn.execute(
+        "SELECT c.oid FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (table.schema, table.name),
+    ).fetchone()
+    if row is None:
+        return None
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_catalog.pg_index i "
+        "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
+        (row[0],),
+    ).fetchall()
+    return tuple(str(r[0]) for r in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledTrigger:
+    """A trigger whose function lives in the outbox schema."""
+
+    table: TableRef
+    name: str
+    function: str
+    enabled: bool
+
+
+def installed_triggers(conn: psycopg.Connection[Any], schema_name: str) -> list[InstalledTrigger]:
+    """Every trigger, on any table, that calls a function of the outbox schema."""
+    rows = conn.execute(
+        "SELECT tn.nspname, c.relname, t.tgname, p.proname, t.tgenabled "
+        "FROM pg_catalog.pg_trigger t "
+        "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
+        "JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace "
+        "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_catalog.pg_namespace tn ON tn.oid = c.relnamespace "
+        "WHERE pn.nspname = %s AND NOT t.tgisinternal "
+        "ORDER BY tn.nspname, c.relname, t.tgname",
+        (schema_name,),
+    ).fetchall()
+    # 'O' fires in normal sessions, 'A' always; 'D' is disabled and 'R' fires only on replicas.
+    return [
+        InstalledTrigger(TableRef(str(s), str(r)), str(t), str(p), str(e) in ("O", "A"))
+        for s, r, t, p, e in rows
+    ]
+
+
+def _installed_functions(conn: psycopg.Connection[Any], schema_name: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT p.proname FROM pg_catalog.pg_proc p "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname LIKE %s ORDER BY p.proname",
+        (schema_name, _FUNCTION_PREFIX.replace("_", "\\_") + "%"),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------
+# Values
+# ------------------------------------------------------------------------------------------
+
+
+def _plain_json(value: Any) -> Any:
+    """A JSON value parsed with Decimal floats -> what ``json.loads`` would have returned.
+
+    ``parse_float`` only sees literals with a fraction or exponent, so every Decimal was a float;
+    an integral one (``1.0``) stays a float, as in the column's own text.
+    """
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _converter(decoder: TextDecoder, column: ColumnInfo) -> Callable[[Any], Any]:
+    """How one column's ``to_jsonb`` value becomes the value the logical source would give.
+
+    What ``to_jsonb`` cannot give back: a json (not jsonb) column's objects come with jsonb's key
+    order, without duplicate keys or the original spacing; real/double values are as exact as the
+    writing session's ``extra_float_digits`` printed them (the default prints them exactly); a
+    composite-type column arrives as a dict instead of its text form.
+    """
+    oid = column.type_oid
+    if oid in _JSON_OIDS:
+        return _plain_json
+    decode = decoder.decode_json_value
+    if oid in _TEXT_OIDS:
+        return lambda v: v if type(v) is str else decode(oid, v)
+    if oid in _INT_OIDS:
+        return lambda v: v if type(v) is int else decode(oid, v)
+    if oid == _BOOL_OID:
+        return lambda v: v if type(v) is bool else decode(oid, v)
+    return lambda v: decode(oid, v)
+
+
+@dataclass(slots=True)
+class _TablePlan:
+    """Per-table decoding: column names in table order with their converters."""
+
+    columns: list[tuple[str, Callable[[Any], Any]]]
+    names: frozenset[str]
+
+
+# ------------------------------------------------------------------------------------------
+# The source
+# ------------------------------------------------------------------------------------------
+
+
+def _shutdown(conn: psycopg.Connection[Any]) -> None:
+    # Only the socket is touched: psycopg connections are not meant to be closed from another
+    # thread, while shutdown() makes the stream thread's blocked read fail at once.
+    with contextlib.suppress(Exception):
+        if conn.closed:
+            return
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+class _Session:
+    """One connection's worth of consuming state; discarded on reconnect.
+
+    ``conn`` holds the advisory lock, LISTENs and holds the open batch transaction; ``meta``
+    (autocommit) serves catalog reads and the decoder's type lookups, so a failing lookup can
+    never abort the batch transaction.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], meta: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.meta = meta
+        # Whether ``conn`` holds the sleep lock: writers notify only while it does.
+        self.asleep = False
+        self.decoder = TextDecoder(meta)
+        self.plans: dict[TableRef, _TablePlan | None] = {}
+        self.refreshed: set[TableRef] = set()
+
+    def abort(self) -> None:
+        _shutdown(self.conn)
+        _shutdown(self.meta)
+
+    def close(self) -> None:
+        close_quietly(self.conn)
+        close_quietly(self.meta)
+
+    def plan(self, table: TableRef, refresh: bool = False) -> _TablePlan | None:
+        if not refresh and table in self.plans:
+            return self.plans[table]
+        columns = table_columns(self.meta, table)
+        plan = None
+        if columns is not None:
+            plan = _TablePlan(
+                [(c.name, _converter(self.decoder, c)) for c in columns],
+                frozenset(c.name for c in columns),
+            )
+        self.plans[table] = plan
+        return plan
+
+    def row(self, table: TableRef, text: str | None) -> dict[str, Any] | None:
+        """An outbox image (jsonb text) as a row dict in the table's column order."""
+        if text is None:
+            return None
+        raw: dict[str, Any] = _JSON.decode(text)
+        plan = self.plan(table)
+        if plan is not None and not plan.names.issuperset(raw) and table not in self.refreshed:
+            # A column we do not know: the table changed since we looked (ALTER TABLE ADD).
+            # Refreshed at most once per table and batch, since rows written before a DROP
+            # COLUMN keep naming the dropped column until they are consumed.
+            self.refreshed.add(table)
+            plan = self.plan(table, refresh=True)
+        if plan is None:
+            return {k: _plain_json(v) for k, v in raw.items()}
+        row: dict[str, Any] = {}
+        for name, convert in plan.columns:
+            if name in raw:
+                value = raw[name]
+                row[name] = None if value is None else convert(value)
+        if len(row) != len(raw):
+            for name, value in raw.items():
+                if name not in row:
+                    row[name] = _plain_json(value)
+        return row
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """What survives reconnects within one ``stream()`` call."""
+
+    # The highest position version handed out; versions only grow (see _transactions).
+    high: int
+    standby_logged: bool = False
+
+
+class PostgresNotifySource:
+    """Implements ``worker.interfaces.Source`` by consuming the trigger-fed outbox table."""
+
+    kind = KIND
+
+    def __init__(self, options: PostgresOptions) -> None:
+        self.options = options
+        self._tables = frozenset(options.tables)
+        self._table_refs: dict[tuple[str, str], TableRef] = {
+            (t.schema, t.name): t for t in options.tables
+        }
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._sessions: list[_Session] = []
+        self._ctl: psycopg.Connection[Any] | None = None
+        self._ctl_lock = threading.Lock()
+        self._ack = threading.Condition()
+        self._acked: Position | None = None
+        # The last position of the batch the stream thread holds locked, until it committed.
+        self._pending: Position | None = None
+        self._last_check_error: CacheWorkerError | None = None
+        self._lock_key = lock_key(options.schema_name)
+        self._batch_lock_key = batch_lock_key(options.schema_name)
+        self._sleep_lock_key = sleep_lock_key(options.schema_name)
+        outbox = _outbox(options)
+        self._select = sql.SQL(
+            "SELECT id, txid::text, op, table_schema, table_name, old::text, new::text, "
+            "extract(epoch FROM created_at)::float8 FROM {} ORDER BY id LIMIT %s "
+            "FOR UPDATE SKIP LOCKED"
+        ).format(outbox)
+        self._delete = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(outbox)
+        self._pending_rows = sql.SQL("SELECT EXISTS (SELECT FROM {})").format(outbox)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _translate(self, exc: BaseException) -> CacheWorkerError:
+        if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName):
+            return SourceMisconfigured(
+                f"the outbox {self.options.schema_name}.{OUTBOX_TABLE} is missing on "
+                f"{self.options.target}: {error_text(exc, self.options)}; {SETUP_HINT}"
+            )
+        return translate_error(exc, self.options)
+
+    def _control(self, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``fn`` on the control connection (checks, columns, backlog); errors translated."""
+        with self._ctl_lock:
+            try:
+                if self._ctl is None or self._ctl.closed:
+                    self._ctl = connect(self.options)
+                return fn(self._ctl)
+            except CacheWorkerError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                    close_quietly(self._ctl)
+                    self._ctl = None
+                raise self._translate(exc) from exc
+
+    # -- setup and teardown ----------------------------------------------------------------
+
+    def setup(self, dry_run: bool = False) -> list[str]:
+        """Create the outbox, the capture functions and triggers; returns the SQL (idempotent).
+
+        Also drops this schema's triggers and functions on tables the rules no longer name, so
+        the captured set is exactly the rule tables. With ``dry_run`` nothing is changed: only
+        the catalog is read (primary keys, existing triggers) to produce the SQL.
+        """
+        return self._run_ddl(self._setup_statements, dry_run, "setup")
+
+    def teardown(self, dry_run: bool = False) -> list[str]:
+        """Drop every trigger calling this schema's functions, then the schema with the outbox.
+
+        Rows still in the outbox are lost with it: their changes never reach the cache.
+        """
+        return self._run_ddl(self._teardown_statements, dry_run, "teardown")
+
+    def _run_ddl(
+        self,
+        plan: Callable[[psycopg.Connection[Any]], list[sql.Composed]],
+        dry_run: bool,
+        what: str,
+    ) -> list[str]:
+        conn = connect(self.options)
+        try:
+            return self._ddl(conn, plan, dry_run, what)
+        except CacheWorkerError:
+            raise
+        except Exception as exc:
+            # Not _translate: a missing table here is a rule table, not the outbox.
+            raise translate_error(exc, self.options) from exc
+        finally:
+            close_quietly(conn)
+
+    def _ddl(
+        self,
+        conn: psycopg.Connection[Any],
+        plan: Callable[[psycopg.Connection[Any]], list[sql.Composed]],
+        dry_run: bool,
+        what: str,
+    ) -> list[str]:
+        statements = plan(conn)
+        texts = [s.as_string(conn) for s in statements]
+        if not dry_run:
+            # One transaction: a failure leaves the previous state, and replacing a trigger
+            # leaves no moment without one.
+            with conn.transaction():
+                for statement in statements:
+                    conn.execute(statement)
+            log.info(
+                f"outbox_{what}",
+                target=self.options.target,
+                schema=self.options.schema_name,
+                tables=[str(t) for t in self.options.tables],
+                statements=len(texts),
+            )
+        return texts
+
+    def _setup_statements(self, conn: psycopg.Connection[Any]) -> list[sql.Composed]:
+        opts = self.options
+        statements = outbox_sql(opts)
+        missing: list[str] = []
+        wanted_functions: set[str] = set()
+        for table in opts.tables:
+            key = primary_key(conn, table)
+            if key is None:
+                missing.append(str(table))
+                continue
+            if not key:
+                log.warning(
+                    "outbox_row_trigger",
+                    table=str(table),
+                    reason="no primary key: UPDATEs cannot be paired in a statement trigger",
+                    cost="one outbox row insert per changed row",
+                )
+            wanted_functions.add(function_name(table))
+            statements.append(capture_function_sql(opts, table, key))
+            statements.extend(trigger_sql(opts, table, key))
+        if missing:
+            raise SchemaError(
+                f"cannot capture changes of missing table(s) {', '.join(missing)} on {opts.target}"
+            )
+        for trigger in installed_triggers(conn, opts.schema_name):
+            if trigger.table not in self._tables:
+                statements.append(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                        sql.Identifier(trigger.name), qualified(trigger.table)
+                    )
+                )
+        for name in _installed_functions(conn, opts.schema_name):
+            if name not in wanted_functions:
+                statements.append(
+                    sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                        sql.Identifier(opts.schema_name, name)
+                    )
+                )
+        return statements
+
+    def _teardown_statements(self, conn: psycopg.Connection[Any]) -> list[sql.Composed]:
+        statements: list[sql.Composed] = [
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(trigger.name), qualified(trigger.table)
+            )
+            for trigger in installed_triggers(conn, self.options.schema_name)
+        ]
+        statements.append(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(self.options.schema_name)
+            )
+        )
+        return statements
+
+    # -- Source protocol -------------------------------------------------------------------
+
+    def initial_position(self) -> Position:
+        """Version 0: ``start`` does not matter, the outbox holds exactly what is unconsumed."""
+        return make_position(0, 0)
+
+    def ack(self, position: Position) -> None:
+        """Record that the run loop applied everything up to ``position``; never blocks.
+
+        The stream thread, waiting for this, deletes the acknowledged batch and commits on its
+        own connection.
+        """
+        with self._ack:
+            if self._acked is None or self._acked.version < position.version:
+                self._acked = position
+                self._ack.notify_all()
+
+    def columns(self, table: TableRef) -> list[str] | None:
+        """Column names in table order, or None when the table does not exist."""
+        found = self._control(lambda conn: table_columns(conn, table))
+        return [c.name for c in found] if found is not None else None
+
+    def describe_position(self, position: Position) -> str:
+        return describe_position(position)
+
+    def outbox_backlog(self) -> tuple[int, float | None]:
+        """Rows waiting in the outbox and the age in seconds of the oldest (None when empty)."""
+
+        def query(conn: psycopg.Connection[Any]) -> tuple[int, float | None]:
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))"
+                    "::float8 FROM {}"
+                ).format(_outbox(self.options))
+            ).fetchone()
+            assert row is not None
+            return int(row[0]), (float(row[1]) if row[1] is not None else None)
+
+        return self._control(query)
+
+    def close(self) -> None:
+        """Stop streaming; safe from any thread, and makes a blocked ``stream()`` return.
+
+        The unacknowledged batch is not deleted: closing the connection rolls its transaction
+        back, so the rows stay for the next consumer.
+        """
+        self._closing.set()
+        with self._ack:
+            self._ack.notify_all()
+            # A graceful stop acks its last batch right before closing: let the stream thread
+            # delete and commit it, or the next start would read it again.
+            deadline = time.monotonic() + _CLOSE_GRACE_S
+            while self._pending is not None and self._covered(self._pending):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ack.wait(remaining)
+        with self._lock:
+            for session in self._sessions:
+                session.abort()
+        with self._ctl_lock:
+            close_quietly(self._ctl)
+            self._ctl = None
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def checks(self) -> list[CheckResult]:
+        """Reachability, outbox, triggers per rule table, backlog and privileges; never raises."""
+        self._last_check_error = None
+        results = base_checks(self.options)
+        names = [CHECK_OUTBOX, *self._trigger_check_names(), CHECK_BACKLOG, CHECK_PRIVILEGES]
+        try:
+            self._control(lambda conn: None)
+        except CacheWorkerError as exc:
+            self._last_check_error = exc
+            if results and results[0].name == CHECK_REACHABLE and results[0].ok:
+                results[0] = CheckResult(CHECK_REACHABLE, False, str(exc))
+            return results + [
+                CheckResult(name, False, "not checked: the server is unreachable") for name in names
+            ]
+        outbox = self._check(CHECK_OUTBOX, self._check_outbox)
+        results.extend(outbox)
+        for table in self.options.tables:
+            name = f"{CHECK_TRIGGERS} {table}"
+            results.extend(self._check(name, functools.partial(self._check_triggers, table=table)))
+        if outbox[0].ok:
+            results.extend(self._check(CHECK_BACKLOG, self._check_backlog))
+            results.extend(self._check(CHECK_PRIVILEGES, self._check_privileges))
+        else:
+            results.append(CheckResult(CHECK_BACKLOG, False, "not checked: no outbox"))
+            results.append(CheckResult(CHECK_PRIVILEGES, False, "not checked: no outbox"))
+        return results
+
+    def _trigger_check_names(self) -> list[str]:
+        return [f"{CHECK_TRIGGERS} {t}" for t in self.options.tables]
+
+    def _check(
+        self, name: str, fn: Callable[[psycopg.Connection[Any]], CheckResult]
+    ) -> list[CheckResult]:
+        try:
+            return [self._control(fn)]
+        except CacheWorkerError as exc:
+            return [CheckResult(name, False, f"could not check: {exc}")]
+
+    def _outbox_oid(self, conn: psycopg.Connection[Any]) -> tuple[bool, int | None]:
+        """Whether the schema exists, and the outbox's OID; from the catalog, because name
+        lookups (``to_regclass``, ``::regclass``) fail without USAGE on the schema."""
+        row = conn.execute(
+            "SELECT n.oid IS NOT NULL, c.oid FROM (SELECT 1) AS one "
+            "LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = %s "
+            "LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = %s "
+            "AND c.relkind IN ('r', 'p')",
+            (self.options.schema_name, OUTBOX_TABLE),
+        ).fetchone()
+        assert row is not None
+        return bool(row[0]), (int(row[1]) if row[1] is not None else None)
+
+    def _check_outbox(self, conn: psycopg.Connection[Any]) -> CheckResult:
+        schema = self.options.schema_name
+        schema_exists, oid = self._outbox_oid(conn)
+        if not schema_exists:
+            return CheckResult(CHECK_OUTBOX, False, f"schema {schema} does not exist; {SETUP_HINT}")
+        if oid is None:
+            return CheckResult(
+                CHECK_OUTBOX, False, f"table {schema}.{OUTBOX_TABLE} does not exist; {SETUP_HINT}"
+            )
+        return CheckResult(CHECK_OUTBOX, True, f"{schema}.{OUTBOX_TABLE} exists")
+
+    def _check_triggers(self, conn: psycopg.Connection[Any], table: TableRef) -> CheckResult:
+        name = f"{CHECK_TRIGGERS} {table}"
+        key = primary_key(conn, table)
+        if key is None:
+            return CheckResult(name, False, f"table {table} does not exist")
+        schema = self.options.schema_name
+        ours = {
+            t.name: t
+            for t in installed_triggers(conn, schema)
+            if t.table == table and t.function == function_name(table)
+        }
+        statement = [trigger_name(schema, op) for op in ("insert", "update", "delete")]
+        row = [trigger_name(schema, "row")]
+        truncate = [trigger_name(schema, "truncate")]
+        # Either set captures correctly: a table that gained a primary key after setup still
+        # has its row trigger until the next setup.
+        for kind, wanted in (("statement", statement + truncate), ("row", row + truncate)):
+            if all(w in ours for w in wanted):
+                disabled = [w for w in wanted if not ours[w].enabled]
+                if disabled:
+                    return CheckResult(
+                        name,
+                        False,
+                        f"trigger(s) {', '.join(disabled)} are disabled; ALTER TABLE ... "
+                        f"ENABLE TRIGGER or {SETUP_HINT}",
+                    )
+                return CheckResult(name, True, f"{kind}-level capture triggers present")
+        present = sorted(ours)
+        return CheckResult(
+            name,
+            False,
+            f"capture triggers missing (present: {', '.join(present) or 'none'}); changes of "
+            f"{table} are not captured; {SETUP_HINT}",
+        )
+
+    def _check_backlog(self, conn: psycopg.Connection[Any]) -> CheckResult:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))::float8 "
+                "FROM {}"
+            ).format(_outbox(self.options))
+        ).fetchone()
+        assert row is not None
+        count, age = int(row[0]), (float(row[1]) if row[1] is not None else None)
+        detail = f"{count} row(s) waiting"
+        if age is not None:
+            detail += f", oldest {age:.1f}s old"
+        limit = BACKLOG_WARN_FACTOR * self.options.outbox_batch
+        warn = (age is not None and age > BACKLOG_WARN_AGE_S) or count > limit
+        if warn:
+            detail += (
+                f" (more than {BACKLOG_WARN_AGE_S:.0f}s or {limit} rows: no worker is consuming, "
+                "or it cannot keep up)"
+            )
+        return CheckResult(CHECK_BACKLOG, True, detail, warning=warn)
+
+    def _check_privileges(self, conn: psycopg.Connection[Any]) -> CheckResult:
+        schema = self.options.schema_name
+        outbox = sql.Identifier(schema, OUTBOX_TABLE).as_string(conn)
+        _exists, oid = self._outbox_oid(conn)
+        row = conn.execute(
+            "SELECT quote_ident(current_user), has_schema_privilege(n.oid, 'USAGE'), "
+            "has_table_privilege(%s::oid, 'SELECT'), has_table_privilege(%s::oid, 'UPDATE'), "
+            "has_table_privilege(%s::oid, 'DELETE') "
+            "FROM pg_catalog.pg_namespace n WHERE n.nspname = %s",
+            (oid, oid, oid, schema),
+        ).fetchone()
+        assert row is not None
+        user = str(row[0])
+        privileges = ("SELECT", "UPDATE", "DELETE")
+        missing = [p for p, ok in zip(privileges, row[2:], strict=True) if not ok]
+        fixes = []
+        if not row[1]:
+            fixes.append(f"GRANT USAGE ON SCHEMA {schema} TO {user};")
+        if missing:
+            # SELECT ... FOR UPDATE needs UPDATE besides SELECT; consuming deletes.
+            fixes.append(f"GRANT {', '.join(missing)} ON {outbox} TO {user};")
+        if fixes:
+            return CheckResult(
+                CHECK_PRIVILEGES, False, f"{user} lacks privileges; fix: {' '.join(fixes)}"
+            )
+        return CheckResult(CHECK_PRIVILEGES, True, f"{user} may SELECT, UPDATE, DELETE {outbox}")
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def stream(self, start: Position) -> Iterator[SourceItem]:
+        """Yield the outbox's transactions (and idle heartbeats) until ``close()``; reconnects."""
+        if "id" not in start.coords:
+            log.warning(
+                "checkpoint_not_an_outbox_position",
+                position=start.to_dict(),
+                action="ignored: the outbox holds what is unconsumed",
+            )
+        state = _StreamState(high=start.version)
+        attempt = 0
+        while not self._closing.is_set():
+            session: _Session | None = None
+            try:
+                session = self._open_session()
+                if not self._become_consumer(session, state):
+                    return
+                for item in self._consume(session, state):
+                    attempt = 0
+                    yield item
+                return
+            except Exception as exc:
+                if self._closing.is_set():
+                    return
+                error = self._translate(exc)
+                if not error.retryable:
+                    if error is exc:
+                        raise
+                    raise error from exc
+                attempt += 1
+                ceiling = min(self.options.reconnect_max_backoff_s, 0.2 * 2 ** min(attempt, 20))
+                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+                log.warning(
+                    "source_reconnect",
+                    attempt=attempt,
+                    error_class=type(exc).__name__,
+                    error=str(error),
+                    backoff_s=round(delay, 3),
+                )
+                if self._closing.wait(delay):
+                    return
+            finally:
+                if session is not None:
+                    with self._lock:
+                        if session in self._sessions:
+                            self._sessions.remove(session)
+                    session.close()
+
+    def _open_session(self) -> _Session:
+        conn = connect(self.options)
+        try:
+            meta = connect(self.options)
+        except BaseException:
+            close_quietly(conn)
+            raise
+        session = _Session(conn, meta)
+        with self._lock:
+            self._sessions.append(session)
+        if self._closing.is_set():
+            session.abort()
+        # The batch transaction idles while the run loop applies it to Redis, which may take
+        # as long as a Redis outage lasts; a server-wide timeout would only cause a re-read.
+        conn.execute("SET idle_in_transaction_session_timeout = 0")
+        return session
+
+    def _become_consumer(self, session: _Session, state: _StreamState) -> bool:
+        """Wait for the outbox's session advisory lock; False when closed while waiting."""
+        opts = self.options
+        while not self._closing.is_set():
+            row = session.conn.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,))
+            got = row.fetchone()
+            if got is not None and got[0]:
+                log.info(
+                    "outbox_consumer",
+                    target=opts.target,
+                    schema=opts.schema_name,
+                    channel=opts.channel,
+                    took_over=state.standby_logged,
+                )
+                state.standby_logged = False
+                return True
+            if not state.standby_logged:
+                state.standby_logged = True
+                log.info(
+                    "outbox_standby",
+                    target=opts.target,
+                    schema=opts.schema_name,
+                    reason="another worker consumes this outbox; taking over when it stops",
+                )
+            if self._closing.wait(min(opts.poll_interval_s, _STANDBY_RETRY_S)):
+                return False
+        return False
+
+    def _consume(self, session: _Session, state: _StreamState) -> Iterator[SourceItem]:
+        conn = session.conn
+        opts = self.options
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(opts.channel)))
+        while not self._closing.is_set():
+            # Notifications that arrived while the last batch was handled are covered by the
+            # SELECT below; draining them first saves an empty round after it.
+            for _ in conn.notifies(timeout=0):
+                pass
+            conn.execute("BEGIN")
+            locked = conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s)", (self._batch_lock_key,)
+            ).fetchone()
+            if locked is None or not locked[0]:
+                # Only possible when the session lock is not ours alone (a transaction pool).
+                conn.execute("ROLLBACK")
+                self._sleep(session)
+                continue
+            rows = conn.execute(self._select, (opts.outbox_batch,)).fetchall()
+            if not rows:
+                conn.execute("COMMIT")
+                yield Heartbeat(None, caught_up=True)
+                self._sleep(session)
+                continue
+            if session.asleep:
+                # Awake: writers may skip their NOTIFY again.
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self._sleep_lock_key,))
+                session.asleep = False
+            session.refreshed.clear()
+            items = self._transactions(session, rows, state)
+            last: Position | None = None
+            for item in items:
+                yield item
+                last = item.position
+            if last is not None and not self._wait_for_ack(last):
+                return
+            ids = [row[0] for row in rows]
+            try:
+                conn.execute(self._delete, (ids,))
+                conn.execute("COMMIT")
+            finally:
+                with self._ack:
+                    self._pending = None
+                    self._ack.notify_all()
+            log.debug(
+                "outbox_batch_consumed",
+                rows=len(ids),
+                first_id=ids[0],
+                last_id=ids[-1],
+                transactions=len(items),
+            )
+
+    def _sleep(self, session: _Session) -> None:
+        """Idle until a NOTIFY, ``poll_interval_s`` (the safety net) or close().
+
+        First takes the sleep lock (see ``capture_function_sql``), waiting for writers that
+        skipped their NOTIFY to commit, then looks at the outbox once more: their rows are
+        visible now. The wait for the lock is sliced, so a long open writer transaction only
+        delays sleeping; writers notify meanwhile (they queue behind our lock request).
+        """
+        conn = session.conn
+        deadline = time.monotonic() + self.options.poll_interval_s
+        while not self._closing.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            wait = min(remaining, _WAIT_SLICE_S)
+            if not session.asleep:
+                session.asleep = self._take_sleep_lock(conn, wait)
+                if session.asleep:
+                    found = conn.execute(self._pending_rows).fetchone()
+                    if found is not None and found[0]:
+                        return
+                    continue
+                wait = 0.0
+            for _ in conn.notifies(timeout=wait, stop_after=1):
+                return
+
+    def _take_sleep_lock(self, conn: psycopg.Connection[Any], wait_s: float) -> bool:
+        conn.execute("BEGIN")
+        try:
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (f"{max(1, int(wait_s * 1000))}ms",)
+            )
+            # Session-level: it outlives this transaction, which only scopes lock_timeout.
+            conn.execute("SELECT pg_advisory_lock(%s)", (self._sleep_lock_key,))
+        except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
+            # QueryCanceled: a statement_timeout shorter than our lock wait ended it first.
+            conn.execute("ROLLBACK")
+            return False
+        conn.execute("COMMIT")
+        return True
+
+    def _covered(self, target: Position) -> bool:
+        return self._acked is not None and self._acked.version >= target.version
+
+    def _wait_for_ack(self, target: Position) -> bool:
+        """Block until the run loop acked ``target`` (True) or the source closes (False)."""
+        with self._ack:
+            self._pending = target
+            while not self._covered(target):
+                if self._closing.is_set():
+                    self._pending = None
+                    self._ack.notify_all()
+                    return False
+                self._ack.wait(_WAIT_SLICE_S)
+        return True
+
+    def _transactions(
+        self, session: _Session, rows: list[tuple[Any, ...]], state: _StreamState
+    ) -> list[Transaction]:
+        """One ``Transaction`` per database transaction (txid) in the batch.
+
+        Rows of concurrent transactions interleave in id order but touch different rows (a row
+        lock serialises writers of one row, so a later change of a row always has a higher id);
+        groups are ordered by their last id, the closest we get to commit order. A transaction
+        larger than the batch arrives as several Transactions, each acknowledged on its own:
+        harmless here because the outbox, not the position, is what resumes.
+
+        Position versions must grow strictly or the run loop never acks them (it acks only a
+        position newer than its checkpoint): a late-committing transaction can carry lower ids
+        than rows consumed before it, and a batch re-read after a crash carries ids at or below
+        the saved checkpoint. Versions are therefore ``max(last id, previous version + 1)``;
+        ``coords["id"]`` keeps the real id, and ``RowChange.version`` stays the row's outbox id
+        so cache writes are versioned by the database's order, not by consumption order.
+        """
+        groups: dict[str, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            groups.setdefault(row[1], []).append(row)
+        ordered = sorted(groups.values(), key=lambda g: int(g[-1][0]))
+        refs = self._table_refs
+        result: list[Transaction] = []
+        for group in ordered:
+            changes: list[RowChange] = []
+            for outbox_id, _txid, op_text, schema, name, old, new, _created in group:
+                table = refs.get((schema, name))
+                if table is None:
+                    # Captured by triggers this worker's rules do not need (another worker's
+                    # rules, or a table removed from the rules before the next setup).
+                    continue
+                op = _OPS.get(op_text)
+                if op is None:
+                    raise SourceError(f"outbox row {outbox_id} has an unknown op {op_text!r}")
+                before = session.row(table, old) if op is not Op.INSERT else None
+                after = session.row(table, new) if op in (Op.INSERT, Op.UPDATE) else None
+                changes.append(RowChange(op, table, before, after, int(outbox_id)))
+            if not changes:
+                continue
+            last_id = int(group[-1][0])
+            version = max(last_id, state.high + 1)
+            state.high = version
+            result.append(
+                Transaction(changes, make_position(version, last_id), committed_at=group[-1][7])
+            )
+        return result
+
+
+def preflight(options: PostgresOptions) -> None:
+    """Raise ``SourceMisconfigured`` (or ``SourceUnavailable``) unless consuming can work.
+
+    Used at ``run`` start: without the outbox schema or a rule table's triggers nothing would be
+    captured, without privileges nothing consumed; the message says to run ``cache-worker
+    setup``. A large backlog is only a warning.
+    """
+    source = PostgresNotifySource(options)
+    try:
+        results = source.checks()
+        error = source._last_check_error
+    finally:
+        source.close()
+    if error is not None:
+        raise error
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise SourceMisconfigured(
+            "the postgres-notify source cannot consume: "
+            + "; ".join(f"{r.name}: {r.detail}" for r in failed)
+        )
+
+
+__all__: Sequence[str] = [
+    "CHECK_BACKLOG",
+    "CHECK_OUTBOX",
+    "CHECK_PRIVILEGES",
+    "CHECK_TRIGGERS",
+    "KIND",
+    "SETUP_HINT",
+    "InstalledTrigger",
+    "PostgresNotifySource",
+    "batch_lock_key",
+    "capture_function_sql",
+    "describe_position",
+    "function_name",
+    "installed_triggers",
+    "lock_key",
+    "make_position",
+    "outbox_sql",
+    "preflight",
+    "primary_key",
+    "sleep_lock_key",
+    "trigger_name",
+    "trigger_sql",
+]

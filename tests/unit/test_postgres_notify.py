@@ -1,0 +1,148 @@
+"""Unit tests of the pure parts of ``connectors.postgres_notify``: names, lock keys, SQL text, JSON
+values and how outbox rows become transactions and positions (no server needed)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from psycopg import sql
+
+from connectors.postgres_common import PostgresOptions
+from connectors.postgres_notify import (
+    PostgresNotifySource,
+    _plain_json,
+    _StreamState,
+    batch_lock_key,
+    capture_function_sql,
+    describe_position,
+    function_name,
+    lock_key,
+    make_position,
+    outbox_sql,
+    sleep_lock_key,
+    trigger_name,
+    trigger_sql,
+)
+from worker.events import Op, TableRef
+
+T = TableRef("app", "t")
+OTHER = TableRef("app", "other")
+
+
+def options(**kw: Any) -> PostgresOptions:
+    settings: dict[str, Any] = {
+        "dsn": "postgresql://u:secret@db:5432/app",
+        "password": None,
+        "tables": (T,),
+        "name": "unit",
+        **kw,
+    }
+    return PostgresOptions(**settings)
+
+
+def text(statement: sql.Composable) -> str:
+    return statement.as_string(None)
+
+
+def test_names_fit_postgres_identifiers_and_stay_distinct() -> None:
+    long_schema = "s" * 63
+    assert trigger_name("cache_worker", "update") == "cache_worker_update"
+    names = {trigger_name(long_schema, op) for op in ("insert", "update", "delete", "truncate")}
+    assert len(names) == 4 and all(len(n.encode()) <= 63 for n in names)
+    assert function_name(TableRef("a_b", "c")) != function_name(TableRef("a", "b_c"))
+    assert len(function_name(TableRef("x" * 63, "y" * 63)).encode()) <= 63
+    assert len(function_name(TableRef("é" * 40, "ü" * 40)).encode()) <= 63
+
+
+def test_lock_keys_are_stable_distinct_signed_64_bit() -> None:
+    keys = [f("cache_worker") for f in (lock_key, batch_lock_key, sleep_lock_key)]
+    assert len(set(keys)) == 3
+    assert all(-(2**63) <= k < 2**63 for k in keys)
+    assert lock_key("cache_worker") == keys[0]
+    assert lock_key("other") != keys[0]
+
+
+def test_setup_sql_quotes_identifiers_and_pairs_updates_by_primary_key() -> None:
+    opts = options(schema_name="cw", channel="chan")
+    table = TableRef("My Schema", 'we"ird')
+    created = text(outbox_sql(opts)[1])
+    assert 'CREATE TABLE IF NOT EXISTS "cw"."outbox"' in created
+    assert "xid8 NOT NULL DEFAULT pg_current_xact_id()" in created
+    function = text(capture_function_sql(opts, table, ["id", "Part"]))
+    assert (
+        'FULL JOIN "cache_worker_new" AS n ON o."id" = n."id" AND o."Part" = n."Part"' in function
+    )
+    assert "'My Schema', 'we\"ird'" in function
+    assert "pg_notify('chan', '')" in function
+    assert "pg_try_advisory_xact_lock_shared(" in function
+    assert str(sleep_lock_key("cw")) in function
+    assert "SECURITY DEFINER SET search_path = pg_catalog, pg_temp" in function
+    triggers = [text(s) for s in trigger_sql(opts, table, ["id"])]
+    assert triggers[0] == 'DROP TRIGGER IF EXISTS "cw_insert" ON "My Schema"."we""ird"'
+    assert sum("FOR EACH STATEMENT" in s for s in triggers) == 4
+    row_level = [text(s) for s in trigger_sql(opts, table, [])]
+    assert sum("FOR EACH ROW" in s for s in row_level) == 1
+
+
+def test_function_body_gets_a_dollar_tag_it_does_not_contain() -> None:
+    table = TableRef("app", "has $cache_worker$ in it")
+    function = text(capture_function_sql(options(), table, ["id"]))
+    assert "AS $cache_worker_$" in function and function.endswith("$cache_worker_$")
+
+
+def test_plain_json_gives_json_loads_floats() -> None:
+    value = {"a": [Decimal("1.0"), 2, Decimal("2.5")], "b": {"c": Decimal("1E+2")}}
+    assert _plain_json(value) == {"a": [1.0, 2, 2.5], "b": {"c": 100.0}}
+    assert type(_plain_json(value)["a"][0]) is float
+
+
+def test_describe_position() -> None:
+    assert describe_position(make_position(12, 10)) == "outbox id 10"
+
+
+class _Rows:
+    """Stands in for a session: rows decode to their JSON text as a dict."""
+
+    def row(self, table: TableRef, text: str | None) -> dict[str, Any] | None:
+        return None if text is None else {"text": text}
+
+
+def _row(outbox_id: int, txid: str, table: TableRef = T, op: str = "insert") -> tuple[Any, ...]:
+    new = None if op == "delete" else f"n{outbox_id}"
+    old = None if op == "insert" else f"o{outbox_id}"
+    return (outbox_id, txid, op, table.schema, table.name, old, new, 1.0 + outbox_id)
+
+
+def test_rows_group_by_transaction_in_commit_order_with_growing_positions() -> None:
+    source = PostgresNotifySource(options(tables=(T,)))
+    state = _StreamState(high=0)
+    rows = [
+        _row(1, "100"),
+        _row(2, "200"),
+        _row(3, "100", op="update"),
+        _row(4, "300", table=OTHER),  # not a rule table: skipped, and no position of its own
+        _row(5, "200", op="delete"),
+    ]
+    txs = source._transactions(_Rows(), rows, state)  # type: ignore[arg-type]
+    assert [[c.version for c in tx.changes] for tx in txs] == [[1, 3], [2, 5]]
+    assert [c.op for c in txs[0].changes] == [Op.INSERT, Op.UPDATE]
+    assert txs[1].changes[1].before == {"text": "o5"} and txs[1].changes[1].after is None
+    assert [(tx.position.version, tx.position.coords) for tx in txs if tx.position] == [
+        (3, {"id": 3}),
+        (5, {"id": 5}),
+    ]
+    assert txs[1].committed_at == 6.0
+    assert state.high == 5
+
+
+def test_positions_stay_newer_than_the_checkpoint_when_ids_are_lower() -> None:
+    """A re-read batch or a late commit carries ids at or below the checkpoint; the run loop
+    acks only positions newer than its checkpoint, so versions keep growing past it."""
+    source = PostgresNotifySource(options())
+    state = _StreamState(high=1000)
+    txs = source._transactions(_Rows(), [_row(7, "1"), _row(8, "2")], state)  # type: ignore[arg-type]
+    assert [tx.position.version for tx in txs if tx.position] == [1001, 1002]
+    assert [tx.position.coords["id"] for tx in txs if tx.position] == [7, 8]
+    # Row versions stay the outbox ids: cache writes are ordered by the database, not by us.
+    assert [tx.changes[0].version for tx in txs] == [7, 8]
