@@ -1,11 +1,14 @@
-"""The Redis adapter: building the client (``connect``), the cache sink and the checkpoint store.
+"""The Redis adapter: the client (``connect``), the cache sink, checkpoint and dead-letter stores.
 
 ``RedisSink`` is the hot path. It sends a whole coalesced batch in one non-transactional pipeline
 round trip: an ``Evict`` is one ``DEL`` of the key and its companions, a ``Refresh`` is one
 ``EVALSHA`` of a Lua script that writes the value only if Redis does not already hold a newer
 version, so replaying the log never moves a key backwards. Every command is idempotent, which is
-what lets the caller retry a whole batch after ``SinkUnavailable``. ``RedisCheckpointStore`` keeps
-a checkpoint in one Redis key (as durable as that Redis's persistence settings make it). Redis
+what lets the caller retry a whole batch after ``SinkUnavailable``. Commands Redis refuses for good
+(NOPERM, OOM, a value it rejects) fail alone: the sink raises ``PartialApplyError`` naming them,
+and the rest of the batch stands. ``RedisCheckpointStore`` keeps a checkpoint in one Redis key (as
+durable as that Redis's persistence settings make it); ``RedisDeadLetterStore`` keeps dead letters
+in a capped stream. Redis
 exceptions are translated into ``worker.errors`` classes here and never leave this module;
 messages name the server by its redacted URL.
 """
@@ -26,17 +29,26 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
+    ClusterDownError,
     DataError,
     NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.retry import Retry
 
 from worker.actions import CacheAction, Refresh
 from worker.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
-from worker.errors import CheckpointError, ConfigError, SinkError, SinkUnavailable
+from worker.dead_letters import DeadLetter
+from worker.errors import (
+    CheckpointError,
+    ConfigError,
+    PartialApplyError,
+    SinkError,
+    SinkUnavailable,
+)
 from worker.events import Position
 from worker.interfaces import CheckResult
 from worker.keys import lease_key, version_key
@@ -188,11 +200,19 @@ def _is_unavailable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | ReadOnlyError):
         return True
+    if isinstance(exc, TryAgainError | ClusterDownError):
+        # The driver strips "TRYAGAIN"/"MASTERDOWN"/"CLUSTERDOWN" from these messages.
+        return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def _error_text(client: redis.Redis, exc: BaseException) -> str:
-    return redact(str(exc) or type(exc).__name__, _secrets(client))
+    text = str(exc) or type(exc).__name__
+    # The driver strips the reply's code (NOPERM, OOM) from the message; it is the useful part.
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        text = f"{code} {text}"
+    return redact(text, _secrets(client))
 
 
 class RedisSink:
@@ -222,7 +242,7 @@ class RedisSink:
             self._script_loaded = False
             self._load_script()
             results = self._execute(commands)
-        self._check(commands, results)
+        self._check(actions, commands, results)
 
     def _load_script(self) -> None:
         try:
@@ -255,26 +275,34 @@ class RedisSink:
         finally:
             pool.release(conn)
 
-    def _check(self, commands: list[tuple[Any, ...]], results: list[Any]) -> None:
+    def _check(
+        self,
+        actions: Sequence[CacheAction],
+        commands: list[tuple[Any, ...]],
+        results: list[Any],
+    ) -> None:
         stale = 0
-        failed: list[tuple[str, Exception]] = []
-        for command, result in zip(commands, results, strict=True):
+        failed: list[tuple[CacheAction, Exception]] = []
+        for action, command, result in zip(actions, commands, results, strict=True):
             if result == 0:
                 if command[0] is _EVALSHA:
                     stale += 1
             elif isinstance(result, Exception):
-                failed.append((_key_of(command), result))
+                failed.append((action, result))
         self.stale_refusals += stale
         if not failed:
             return
-        key, first = failed[0]
+        first_action, first = failed[0]
         message = (
             f"redis {self._target} refused {len(failed)} of {len(commands)} cache actions; "
-            f"first: key {key!r}: {_error_text(self._client, first)}"
+            f"first: key {first_action.key!r}: {_error_text(self._client, first)}"
         )
-        if all(_is_unavailable(exc) for _, exc in failed):
+        if any(_is_unavailable(exc) for _, exc in failed):
+            # "Not now" replies are about the server, not a key: every command is idempotent,
+            # so the whole batch goes again rather than dead-lettering what would heal.
             raise SinkUnavailable(message) from first
-        raise SinkError(message) from first
+        refused = [(action, _error_text(self._client, exc)) for action, exc in failed]
+        raise PartialApplyError(message, refused) from first
 
     def _raise(self, exc: RedisError, doing: str) -> NoReturn:
         message = f"redis {self._target}: {doing} failed: {_error_text(self._client, exc)}"
@@ -358,18 +386,24 @@ def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     slice is sent. Error replies come back in place as exceptions.
     """
     count = len(commands)
+    unsent: dict[int, Exception] = {}
     try:
         for start in range(0, count, _SLICE):
             chunk = commands[start : start + _SLICE]
             try:
                 packed = b"".join(map(_pack, chunk))
             except (TypeError, ValueError):
-                raise _unencodable(chunk) from None
-            conn.send_packed_command([packed], check_health=start == 0)
+                packed = _pack_each(chunk, start, unsent)
+            if packed:
+                conn.send_packed_command([packed], check_health=start == 0)
         read = conn.read_response
         results: list[Any] = []
         append = results.append
-        for _ in range(count):
+        for index in range(count):
+            if unsent and index in unsent:
+                # Never sent, so no reply to read: the failure takes the reply's place.
+                append(unsent[index])
+                continue
             try:
                 append(read())
             except ResponseError as exc:
@@ -381,14 +415,21 @@ def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         raise
 
 
-def _unencodable(chunk: list[tuple[Any, ...]]) -> DataError:
-    """Name the first action hiredis cannot pack (a value that is not text, a lone surrogate)."""
-    for command in chunk:
+def _pack_each(chunk: list[tuple[Any, ...]], start: int, unsent: dict[int, Exception]) -> bytes:
+    """Pack a slice one command at a time, recording those hiredis cannot pack by batch index.
+
+    A value that is not text or holds a lone surrogate fails that action alone, like a refusal
+    by the server.
+    """
+    parts: list[bytes] = []
+    for offset, command in enumerate(chunk):
         try:
-            _pack(command)
+            parts.append(_pack(command))
         except (TypeError, ValueError) as exc:
-            return DataError(f"key {_key_of(command)!r}: cannot encode the command: {exc}")
-    return DataError("cannot encode a command")
+            unsent[start + offset] = DataError(
+                f"key {_key_of(command)!r}: cannot encode the command: {exc}"
+            )
+    return b"".join(parts)
 
 
 def _key_of(command: tuple[Any, ...]) -> str:
@@ -452,3 +493,77 @@ class RedisCheckpointStore:
 def checkpoint_key(name: str) -> str:
     """The conventional checkpoint key of the source named ``name``."""
     return f"cache-worker:checkpoint:{name}"
+
+
+# A bound on the stream's memory: Redis trims the oldest entries past roughly this many.
+DEAD_LETTER_MAXLEN = 100_000
+
+
+class RedisDeadLetterStore:
+    """Dead letters in one Redis stream (implements ``worker.interfaces.DeadLetterStore``).
+
+    ``XADD key MAXLEN ~ 100000 * field value ...``: ids are the stream's, entries are the flat
+    text fields of ``DeadLetter``. Errors are redacted with the client's password once more
+    before they are stored.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, maxlen: int = DEAD_LETTER_MAXLEN) -> None:
+        self._client = client
+        self.key = key
+        self._maxlen = maxlen
+        self._target = describe(client)
+
+    def add(self, entries: Sequence[DeadLetter]) -> list[str]:
+        if not entries:
+            return []
+        secrets = _secrets(self._client)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for entry in entries:
+                fields: dict[Any, Any] = entry.fields()
+                fields["error"] = redact(fields["error"], secrets)
+                pipe.xadd(self.key, fields, maxlen=self._maxlen, approximate=True)
+            replies = pipe.execute()
+        except RedisError as exc:
+            self._raise(exc, f"adding {len(entries)} entries to")
+        return [_text(reply) for reply in replies]
+
+    def delete(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        try:
+            return int(self._client.xdel(self.key, *ids))
+        except RedisError as exc:
+            self._raise(exc, "deleting entries from")
+
+    def purge(self) -> int:
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xlen(self.key)
+            pipe.delete(self.key)
+            length, _deleted = pipe.execute()
+        except RedisError as exc:
+            self._raise(exc, "purging")
+        return int(length)
+
+    def list(self, count: int, start: str = "-") -> list[DeadLetter]:
+        try:
+            # Typed loosely: the driver's stubs allow None and undecoded mixes.
+            rows: Any = self._client.xrange(self.key, min=start, max="+", count=count)
+        except RedisError as exc:
+            self._raise(exc, "reading")
+        return [
+            DeadLetter.from_fields(
+                _text(entry_id), {_text(k): _text(v) for k, v in dict(data).items()}
+            )
+            for entry_id, data in rows
+        ]
+
+    def _raise(self, exc: RedisError, doing: str) -> NoReturn:
+        message = (
+            f"{doing} dead-letter stream {self.key!r} on redis {self._target} failed: "
+            f"{_error_text(self._client, exc)}"
+        )
+        if _is_unavailable(exc):
+            raise SinkUnavailable(message) from exc
+        raise SinkError(message) from exc

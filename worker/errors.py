@@ -12,7 +12,8 @@ core and the CLI never see a pymysql, psycopg or redis exception::
     │   └── SourceMisconfigured           exit 6: binlog format, row image or privileges are wrong
     ├── RuleError                         exit 1: a rule failed on one change (dead-letter material)
     ├── SinkError                         exit 4
-    │   └── SinkUnavailable               retryable: Redis is unreachable or went away
+    │   ├── SinkUnavailable               retryable: Redis is unreachable or went away
+    │   └── PartialApplyError             some actions of a batch were refused, the rest applied
     └── CheckpointError                   exit 4: the checkpoint could not be read or written
 
 Messages never contain passwords: callers pass redacted DSNs/URLs (see ``worker.redact``).
@@ -20,7 +21,10 @@ Messages never contain passwords: callers pass redacted DSNs/URLs (see ``worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
+
+from worker.actions import CacheAction
 
 
 class ExitCode(IntEnum):
@@ -100,3 +104,16 @@ class CheckpointError(CacheWorkerError):
     """The checkpoint could not be loaded or saved."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class PartialApplyError(SinkError):
+    """Redis refused some actions of a batch for good (NOPERM, OOM, a value it rejects).
+
+    The sink's pipeline is not transactional: every action not listed in ``failed`` was applied.
+    ``failed`` pairs each refused action (the very object the sink was given) with its redacted
+    error text; the run loop retries those alone and dead-letters what keeps failing.
+    """
+
+    def __init__(self, message: str, failed: Sequence[tuple[CacheAction, str]]) -> None:
+        super().__init__(message)
+        self.failed: list[tuple[CacheAction, str]] = list(failed)

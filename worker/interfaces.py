@@ -1,4 +1,4 @@
-"""The three ports the run loop talks to: ``Source``, ``Sink`` and ``CheckpointStore``.
+"""The ports the run loop talks to: ``Source``, ``Sink``, ``CheckpointStore``, ``DeadLetterStore``.
 
 Adapters in ``connectors/`` implement them against real systems; ``connectors.memory`` holds the
 in-memory doubles unit tests use. The core depends on these protocols only, never on a driver.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from worker.actions import CacheAction
+from worker.dead_letters import DeadLetter
 from worker.events import Position, SourceItem, TableRef
 
 
@@ -58,7 +59,14 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """Applies cache actions to the cache, all of them or raising."""
+    """Applies cache actions to the cache.
+
+    ``apply`` returns when every action was applied (a refresh refused as stale counts as
+    applied). It raises ``SinkUnavailable`` when the cache cannot be reached (nothing or anything
+    may have been applied; every action is idempotent, so the caller sends them all again), and
+    ``PartialApplyError`` naming the actions the cache refused for good when the others were
+    applied.
+    """
 
     def apply(self, actions: Sequence[CacheAction]) -> None: ...
 
@@ -73,3 +81,27 @@ class CheckpointStore(Protocol):
     def load(self) -> Position | None: ...
 
     def save(self, position: Position) -> None: ...
+
+
+class DeadLetterStore(Protocol):
+    """Keeps dead-letter entries in arrival order, each under an id the store assigns.
+
+    Ids order like the entries; ``list``'s ``start`` is an id to start at (inclusive), ``-`` for
+    the oldest, or ``(`` followed by an id to start after it.
+    """
+
+    def add(self, entries: Sequence[DeadLetter]) -> Sequence[str]:
+        """Append the entries; their new ids, in order."""
+        ...
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove the entries with these ids; how many existed."""
+        ...
+
+    def purge(self) -> int:
+        """Remove every entry; how many there were."""
+        ...
+
+    def list(self, count: int, start: str = "-") -> Sequence[DeadLetter]:
+        """Up to ``count`` entries from ``start`` on, oldest first."""
+        ...

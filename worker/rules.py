@@ -12,6 +12,13 @@ Semantics, per rule:
   With ``watch`` set, an UPDATE that changed no watched column and moved no key does nothing.
 - DELETE: the old row's keys are evicted, whatever the action.
 - A NULL in a key column skips that key with a warning.
+- A refresh whose encoded value is larger than the rule's ``max_value_bytes`` evicts its keys
+  instead (with a rate-limited ``value_too_large`` warning): Redis would store it, but one huge
+  value slows every reader and replica, and the readers can load it from the database.
+
+``RuleSet.evaluate`` never raises for a bad row: a rule that fails on a change (a value the
+encoder cannot encode) is reported as a ``RuleFailure`` for the dead-letter stream, together with
+evictions of whatever keys of that rule can still be rendered.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import structlog
 
 from worker.actions import CacheAction, Evict, Refresh
 from worker.encoding import encode_hash, encode_json, scalar_text
+from worker.errors import RuleError
 from worker.events import UNCHANGED, Op, Row, RowChange, TableRef
 
 log = structlog.get_logger("cache_worker.rules")
@@ -35,6 +43,11 @@ Action = Literal["refresh", "evict"]
 Format = Literal["json", "hash"]
 WhenValue = str | int | float | bool
 _NULL_WARNING_EVERY = 1000
+_TOO_LARGE_WARNING_EVERY = 1000
+DEFAULT_MAX_VALUE_BYTES = 1_048_576
+# A code point is at most 4 bytes of UTF-8: below a quarter of the limit in characters, a value
+# cannot be too large and its bytes need not be counted.
+_MAX_UTF8_BYTES_PER_CHAR = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +141,9 @@ class Rule:
     jitter: float = 0.1
     when: Mapping[str, WhenValue | tuple[WhenValue, ...]] = field(default_factory=dict)
     index: int = 0
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     _null_skips: int = 0
+    _too_large: int = 0
 
     def named_columns(self) -> dict[str, set[str]]:
         """Every column this rule names, by where it names it (for schema checks)."""
@@ -238,13 +253,84 @@ class Rule:
             actions.extend(Evict(key, self.name, version) for key in dict.fromkeys(new_keys))
             return actions
         value = self.payload(after)
+        size = self._oversize(value)
+        if size is not None:
+            self._warn_too_large(new_keys, size)
+            actions.extend(Evict(key, self.name, version) for key in dict.fromkeys(new_keys))
+            return actions
         for key in dict.fromkeys(new_keys):
             actions.append(Refresh(key, value, self.ttl_for_write(), version, self.name))
         return actions
 
+    def _oversize(self, value: str | tuple[tuple[str, str], ...]) -> int | None:
+        """The payload's size in bytes when it is over ``max_value_bytes``, else None."""
+        limit = self.max_value_bytes
+        if isinstance(value, str):
+            if len(value) * _MAX_UTF8_BYTES_PER_CHAR <= limit:
+                return None
+            size = utf8_length(value)
+        else:
+            chars = sum(len(name) + len(text) for name, text in value)
+            if chars * _MAX_UTF8_BYTES_PER_CHAR <= limit:
+                return None
+            size = sum(utf8_length(name) + utf8_length(text) for name, text in value)
+        return size if size > limit else None
+
+    def _warn_too_large(self, keys: Sequence[str], size: int) -> None:
+        self._too_large += 1
+        # One oversized row tends to be updated often; a line per thousand keeps it visible.
+        if self._too_large % _TOO_LARGE_WARNING_EVERY == 1:
+            log.warning(
+                "value_too_large",
+                rule=self.name,
+                key=keys[0] if keys else None,
+                keys=len(keys),
+                bytes=size,
+                limit=self.max_value_bytes,
+                too_large_total=self._too_large,
+            )
+
+    def renderable_keys(self, change: RowChange) -> list[str]:
+        """Every key of this rule that the change's rows still render, ignoring ``when``.
+
+        The fallback after the rule failed on the change: evicting a key the rule would not have
+        touched costs a cache miss, keeping one it would have touched may serve stale data.
+        """
+        keys: list[str] = []
+        for row in (change.before, change.after):
+            if not row:
+                continue
+            for template in self.keys:
+                try:
+                    key = template.render(row)
+                except Exception:  # the value that broke the rule may break its key too
+                    continue
+                if key is not None:
+                    keys.append(key)
+        return list(dict.fromkeys(keys))
+
     def _misses_values(self, row: Row) -> bool:
         names = self.columns if self.columns is not None else row.keys()
         return any(row.get(name) is UNCHANGED for name in names)
+
+
+def utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; a lone surrogate counts as the 3 bytes it would take."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True, slots=True)
+class RuleFailure:
+    """A rule raised on a change: what the dead-letter stream records about it.
+
+    ``evicted`` are the keys the rule could still render, whose evictions ``RuleSet.evaluate``
+    returned in place of the rule's actions.
+    """
+
+    rule: str
+    change: RowChange
+    error: str
+    evicted: tuple[str, ...] = ()
 
 
 def _fill_unchanged(change: RowChange) -> Row | None:
@@ -256,6 +342,22 @@ def _fill_unchanged(change: RowChange) -> Row | None:
         name: (before.get(name, value) if value is UNCHANGED else value)
         for name, value in after.items()
     }
+
+
+_NO_FAILURES: tuple[RuleFailure, ...] = ()
+
+
+def _failure(rule: Rule, change: RowChange, exc: Exception) -> RuleFailure:
+    return RuleFailure(
+        rule=rule.name,
+        change=change,
+        error=f"{type(exc).__name__}: {exc}",
+        evicted=tuple(rule.renderable_keys(change)),
+    )
+
+
+def _evictions(failure: RuleFailure, version: int) -> list[CacheAction]:
+    return [Evict(key, failure.rule, version) for key in failure.evicted]
 
 
 class RuleSet:
@@ -276,9 +378,22 @@ class RuleSet:
         return self._by_table.get(table, [])
 
     def actions_for(self, change: RowChange) -> list[CacheAction]:
+        """The change's actions; raises RuleError when a rule fails on it (see ``evaluate``)."""
+        actions, failures = self.evaluate(change)
+        if failures:
+            first = failures[0]
+            raise RuleError(f"rule {first.rule!r} failed on a change: {first.error}")
+        return actions
+
+    def evaluate(self, change: RowChange) -> tuple[list[CacheAction], Sequence[RuleFailure]]:
+        """The change's actions and the rules that failed on it, without raising.
+
+        A failing rule contributes evictions of the keys it can still render, so its cache keys
+        do not keep a value the change made stale; the other rules of the table are unaffected.
+        """
         rules = self._by_table.get(change.table)
         if not rules:
-            return []
+            return [], _NO_FAILURES
         if change.op is Op.TRUNCATE:
             if change.table not in self._truncate_warned:
                 self._truncate_warned.add(change.table)
@@ -288,13 +403,23 @@ class RuleSet:
                     rules=[r.name for r in rules],
                     hint="keys of a truncated table cannot be enumerated; they expire by TTL",
                 )
-            return []
+            return [], _NO_FAILURES
         if len(rules) == 1:
-            return rules[0].actions_for(change)
+            try:
+                return rules[0].actions_for(change), _NO_FAILURES
+            except Exception as exc:  # data-dependent: one bad row must not stop the worker
+                failure = _failure(rules[0], change, exc)
+                return _evictions(failure, change.version), (failure,)
         actions: list[CacheAction] = []
+        failures: list[RuleFailure] = []
         for rule in rules:
-            actions.extend(rule.actions_for(change))
-        return actions
+            try:
+                actions.extend(rule.actions_for(change))
+            except Exception as exc:  # data-dependent: one bad row must not stop the worker
+                failure = _failure(rule, change, exc)
+                failures.append(failure)
+                actions.extend(_evictions(failure, change.version))
+        return actions, failures
 
     def problems_with_columns(self, columns: Mapping[TableRef, Sequence[str] | None]) -> list[str]:
         """One line per rule field that names a table or column the source lacks."""

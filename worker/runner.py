@@ -5,8 +5,12 @@ The source thread parses the log and blocks on a bounded queue when the apply si
 milliseconds, turns its changes into coalesced actions, applies them in one sink call, and only
 then saves the checkpoint (the last transaction-boundary position in the batch) and acks the
 source. A failure of Redis or of the database is retried with backoff and never advances the
-checkpoint. ``request_stop`` (first SIGTERM) finishes the current batch; burst options stop the
-loop after N transactions or once the source is caught up, which makes the loop testable.
+checkpoint. Actions Redis refuses for good (NOPERM, OOM, a value it rejects) while it applies the
+rest are retried a few times on their own; what still fails is written to the dead-letter store
+and its key evicted, and so is a change a rule cannot evaluate, so one poison change costs a
+cache miss instead of stopping the worker. ``request_stop`` (first SIGTERM) finishes the current
+batch; burst options stop the loop after N transactions or once the source is caught up, which
+makes the loop testable.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from worker.actions import CacheAction, Evict, coalesce
-from worker.errors import CacheWorkerError, ConfigError, SourceError
+from worker.dead_letters import DeadLetter, entries_for
+from worker.errors import CacheWorkerError, ConfigError, PartialApplyError, SinkError, SourceError
 from worker.events import Position, SourceItem, TableRef, Transaction
-from worker.interfaces import CheckpointStore, Sink, Source
+from worker.interfaces import CheckpointStore, DeadLetterStore, Sink, Source
 from worker.retry import retry_call
-from worker.rules import RuleSet
+from worker.rules import RuleFailure, RuleSet
 
 log = structlog.get_logger("cache_worker.runner")
 
@@ -39,6 +44,8 @@ class RunOptions:
     queue_size: int = 20000
     progress_interval_s: float = 10.0
     retry_max_backoff_s: float = 30.0
+    poison_retries: int = 3
+    poison_backoff_s: float = 0.1
     stop_grace_s: float = 5.0
     max_transactions: int | None = None
     until_idle: bool = False
@@ -54,6 +61,7 @@ class RunStats:
     refreshes: int = 0
     evictions: int = 0
     batches: int = 0
+    dead_letters: int = 0
     last_position: Position | None = None
     last_committed_at: float | None = None
     caught_up: bool = False
@@ -67,6 +75,7 @@ class _SourceFailed:
 @dataclass
 class _Batch:
     actions: list[CacheAction] = field(default_factory=list)
+    rule_failures: list[RuleFailure] = field(default_factory=list)
     position: Position | None = None
     transactions: int = 0
     rows: int = 0
@@ -76,7 +85,11 @@ class _Batch:
 
 
 class Runner:
-    """Drives one source into one sink, checkpointing after every applied batch."""
+    """Drives one source into one sink, checkpointing after every applied batch.
+
+    ``dead_letters`` receives what the sink keeps refusing and changes the rules fail on; without
+    one (unit tests) those are only logged.
+    """
 
     def __init__(
         self,
@@ -87,8 +100,10 @@ class Runner:
         options: RunOptions | None = None,
         describe_position: Callable[[Position], str] | None = None,
         preflight: Callable[[], None] | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.source = source
+        self.dead_letters = dead_letters
         self.sink = sink
         self.checkpoints = checkpoints
         self.rules = rules
@@ -235,7 +250,10 @@ class Runner:
                 break
             if isinstance(item, Transaction):
                 for change in item.changes:
-                    raw_actions.extend(self.rules.actions_for(change))
+                    actions, failures = self.rules.evaluate(change)
+                    raw_actions.extend(actions)
+                    if failures:
+                        batch.rule_failures.extend(failures)
                 batch.rows += len(item.changes)
                 batch.caught_up = False
                 if item.position is not None:
@@ -255,10 +273,109 @@ class Runner:
 
     # -- applying --------------------------------------------------------------------------
 
+    def _apply_once(self, actions: list[CacheAction]) -> list[tuple[CacheAction, str]]:
+        """Apply, retrying while the sink is unavailable; the actions it refused for good."""
+        refused: list[tuple[CacheAction, str]] = []
+
+        def attempt() -> None:
+            nonlocal refused
+            try:
+                self.sink.apply(actions)
+                refused = []
+            except PartialApplyError as exc:
+                refused = exc.failed
+
+        self._retry("apply", attempt)
+        return refused
+
+    def _apply_actions(self, actions: list[CacheAction]) -> list[tuple[CacheAction, str]]:
+        """Apply, then retry refused actions alone; those refused every time."""
+        refused = self._apply_once(actions)
+        for attempt in range(1, self.options.poison_retries + 1):
+            if not refused:
+                break
+            backoff = min(self.options.poison_backoff_s * 2 ** (attempt - 1), 2.0)
+            log.warning(
+                "actions_refused",
+                refused=len(refused),
+                key=refused[0][0].key,
+                rule=refused[0][0].rule,
+                error=refused[0][1],
+                attempt=attempt,
+                retries=self.options.poison_retries,
+                backoff_s=round(backoff, 3),
+            )
+            self._sleep(backoff)
+            refused = self._apply_once([action for action, _ in refused])
+        return refused
+
+    def _dead_letter(
+        self, refused: list[tuple[CacheAction, str]], failures: list[RuleFailure]
+    ) -> None:
+        """Record what could not be applied, evict the refused keys, log every entry.
+
+        Either record is enough to go on: an evicted key is correct (readers load the row), and
+        a key that could not be evicted is named in the store. Only when both fail does the batch
+        fail, so the checkpoint stays behind and a restart tries again.
+        """
+        entries = entries_for(refused, failures)
+        stored = self._store_dead_letters(entries)
+        fallback: list[CacheAction] = [
+            Evict(action.key, action.rule, action.version) for action, _ in refused
+        ]
+        not_evicted = self._apply_once(fallback) if fallback else []
+        for entry in entries:
+            self.stats.dead_letters += 1
+            log.warning(
+                "dead_lettered",
+                key=entry.key,
+                rule=entry.rule,
+                action=entry.action,
+                version=entry.version,
+                error=entry.error,
+                stored=stored,
+                dead_letters_total=self.stats.dead_letters,
+            )
+        for failure in failures:
+            if failure.evicted:
+                log.info("rule_failure_evicted", rule=failure.rule, keys=list(failure.evicted))
+        for action, error in not_evicted:
+            log.error(
+                "dead_letter_evict_failed",
+                key=action.key,
+                rule=action.rule,
+                error=error,
+                stored=stored,
+            )
+        if not_evicted and not stored:
+            action, error = not_evicted[0]
+            raise SinkError(
+                f"{len(not_evicted)} refused cache actions could neither be dead-lettered nor "
+                f"evicted; first: key {action.key!r}: {error}"
+            )
+
+    def _store_dead_letters(self, entries: list[DeadLetter]) -> bool:
+        store = self.dead_letters
+        if store is None or not entries:
+            return False
+        try:
+            self._retry("dead_letter", lambda: store.add(entries))
+        except CacheWorkerError as exc:
+            if exc.retryable:
+                raise  # the stop grace period ran out while the store was unreachable
+            log.error(
+                "dead_letter_store_failed",
+                entries=len(entries),
+                error_class=type(exc).__name__,
+                error=str(exc),
+            )
+            return False
+        return True
+
     def _apply(self, batch: _Batch) -> None:
-        if batch.actions:
-            actions = batch.actions
-            self._retry("apply", lambda: self.sink.apply(actions))
+        refused = self._apply_actions(batch.actions) if batch.actions else []
+        if refused or batch.rule_failures:
+            self._dead_letter(refused, batch.rule_failures)
         position = batch.position
         if position is not None and (self._saved is None or self._saved < position):
             self._retry("save_checkpoint", lambda: self.checkpoints.save(position))
@@ -364,6 +481,7 @@ class _Progress:
             refreshes=stats.refreshes,
             evictions=stats.evictions,
             stale_refusals=sink_refusals,
+            dead_letters=stats.dead_letters,
             lag_s=None if lag is None else round(lag, 3),
             queue_depth=self._runner._queue.qsize(),
             position=(self._runner._describe(stats.last_position) if stats.last_position else None),

@@ -37,7 +37,7 @@ from pydantic_settings import (
 
 from worker.errors import ConfigError
 from worker.events import TableRef
-from worker.rules import KeyTemplate, Rule, RuleSet
+from worker.rules import DEFAULT_MAX_VALUE_BYTES, KeyTemplate, Rule, RuleSet
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -62,6 +62,9 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# Redis's own limit on a string (proto-max-bulk-len); a larger setting could never matter.
+_REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 
 
 class _Section(BaseModel):
@@ -188,6 +191,7 @@ class BatchSettings(_Section):
     max_delay: Duration = 0.005
     queue_size: int = Field(default=20000, ge=1)
     retry_max_backoff: Duration = 30.0
+    poison_retries: int = Field(default=3, ge=0, le=100)
 
 
 class LogSettings(_Section):
@@ -203,6 +207,7 @@ class DefaultsSettings(_Section):
 
     ttl: Duration = 3600.0
     jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_value_bytes: int = Field(default=DEFAULT_MAX_VALUE_BYTES, ge=1, le=_REDIS_MAX_VALUE_BYTES)
 
 
 WhenScalar = str | int | float | bool
@@ -225,6 +230,7 @@ class RuleSettings(_Section):
     watch: list[str] | None = None
     ttl: Duration | None = None
     jitter: float | None = Field(default=None, ge=0.0, lt=1.0)
+    max_value_bytes: int | None = Field(default=None, ge=1, le=_REDIS_MAX_VALUE_BYTES)
     when: dict[str, WhenScalar | list[WhenScalar]] = Field(default_factory=dict)
 
     @field_validator("table")
@@ -250,7 +256,7 @@ class RuleSettings(_Section):
     @model_validator(mode="after")
     def _refresh_only_fields(self) -> RuleSettings:
         if self.action == "evict":
-            for name in ("format", "columns", "ttl", "jitter"):
+            for name in ("format", "columns", "ttl", "jitter", "max_value_bytes"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} applies to refresh rules only (action = 'evict')")
         return self
@@ -311,6 +317,10 @@ class Settings(BaseSettings):
 
     def checkpoint_key(self) -> str:
         return self.checkpoint.key or f"cache-worker:checkpoint:{self.name}"
+
+    def dead_letter_key(self) -> str:
+        """The Redis stream of this worker's dead letters."""
+        return f"cache-worker:dlq:{self.name}"
 
     def server_id(self) -> int:
         """The replica id to register with; derived from ``name`` unless set."""
@@ -426,6 +436,11 @@ def compile_rules(settings: Settings) -> RuleSet:
                 jitter=raw.jitter if raw.jitter is not None else settings.defaults.jitter,
                 when=when,
                 index=index,
+                max_value_bytes=(
+                    raw.max_value_bytes
+                    if raw.max_value_bytes is not None
+                    else settings.defaults.max_value_bytes
+                ),
             )
         )
     return RuleSet(rules)
