@@ -736,6 +736,10 @@ class PostgresLogicalSource:
     def describe_position(self, position: Position) -> str:
         return describe_position(position)
 
+    def progress_fields(self) -> dict[str, object]:
+        """Fields for the run loop's ``progress`` event: the WAL this slot keeps on the server."""
+        return {"slot_retained_wal_bytes": self.retained_wal_bytes()}
+
     def retained_wal_bytes(self) -> int | None:
         """WAL the slot keeps on the server (current WAL LSN - restart_lsn); None if unknown.
 
@@ -1193,12 +1197,13 @@ class PostgresLogicalSource:
                 return
 
 
-def preflight(options: PostgresOptions) -> None:
+def preflight(options: PostgresOptions, *, resuming: bool = False) -> None:
     """Raise ``SourceMisconfigured`` (or ``SourceUnavailable``) unless streaming can work.
 
     Used at ``run`` start: wal_level other than logical, a missing slot or publication (the
     message says to run ``cache-worker setup``), or a user without REPLICATION each stop the
-    worker with the fix in the message.
+    worker with the fix in the message. When ``resuming`` from a checkpoint, a missing slot is
+    ``PositionLost``: the changes made since it was dropped were never seen.
     """
     source = PostgresLogicalSource(options)
     try:
@@ -1213,6 +1218,13 @@ def preflight(options: PostgresOptions) -> None:
         raise SourceUnavailable(f"{reachable.name}: {reachable.detail}")
     blocking = (CHECK_REACHABLE, CHECK_WAL_LEVEL, CHECK_SLOT, CHECK_PUBLICATION, CHECK_PRIVILEGES)
     failed = [r for r in results if not r.ok and r.name in blocking]
+    slot_missing = [r for r in failed if r.name == CHECK_SLOT and "does not exist" in r.detail]
+    if resuming and slot_missing:
+        raise PositionLost(
+            f"replication slot {options.slot!r} is gone, so the changes made since it was "
+            "dropped were never seen: run `cache-worker setup --config <file>` to recreate it, "
+            "then `cache-worker reset-checkpoint` and rewarm the cache"
+        )
     if failed:
         raise SourceMisconfigured(
             "the postgres-logical source cannot stream: "

@@ -776,6 +776,11 @@ class PostgresNotifySource:
     def describe_position(self, position: Position) -> str:
         return describe_position(position)
 
+    def progress_fields(self) -> dict[str, object]:
+        """Fields for the run loop's ``progress`` event: rows waiting in the outbox and age."""
+        rows, oldest = self.outbox_backlog()
+        return {"outbox_backlog": rows, "outbox_oldest_s": oldest}
+
     def outbox_backlog(self) -> tuple[int, float | None]:
         """Rows waiting in the outbox and the age in seconds of the oldest (None when empty)."""
 

@@ -99,7 +99,7 @@ class Runner:
         rules: RuleSet,
         options: RunOptions | None = None,
         describe_position: Callable[[Position], str] | None = None,
-        preflight: Callable[[], None] | None = None,
+        preflight: Callable[[Position | None], None] | None = None,
         dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.source = source
@@ -165,14 +165,17 @@ class Runner:
         if problems:
             raise ConfigError("\n".join(problems))
 
-    def start_position(self) -> Position:
-        """The checkpoint, or the source's initial position saved before anything is read."""
+    def load_checkpoint(self) -> Position | None:
         loaded: list[Position | None] = []
         self._retry("load_checkpoint", lambda: loaded.append(self.checkpoints.load()))
-        if loaded[0] is not None:
-            log.info("checkpoint_loaded", position=self._describe(loaded[0]))
-            self._saved = loaded[0]
-            return loaded[0]
+        return loaded[0]
+
+    def start_position(self, checkpoint: Position | None) -> Position:
+        """The checkpoint, or the source's initial position saved before anything is read."""
+        if checkpoint is not None:
+            log.info("checkpoint_loaded", position=self._describe(checkpoint))
+            self._saved = checkpoint
+            return checkpoint
         initial: list[Position] = []
         self._retry("initial_position", lambda: initial.append(self.source.initial_position()))
         # Saved before the first read, so a crash before the first batch cannot skip changes
@@ -402,10 +405,14 @@ class Runner:
 
     def run(self) -> RunStats:
         """Validate, resume, then apply until stopped, burst-complete or failed."""
-        if self._preflight is not None:
-            self._retry("preflight", self._preflight)
+        checkpoint = self.load_checkpoint()
+        preflight = self._preflight
+        if preflight is not None:
+            # The source judges its settings knowing whether we resume: a missing replication
+            # slot is "run setup" on a first start but a lost position after one.
+            self._retry("preflight", lambda: preflight(checkpoint))
         self.validate_schema()
-        start = self.start_position()
+        start = self.start_position(checkpoint)
         self._start_source(start)
         progress = _Progress(self, self.options.progress_interval_s)
         log.info(
