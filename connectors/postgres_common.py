@@ -294,9 +294,13 @@ def quoted(table: TableRef) -> str:
 
 
 def _json_float(value: Any) -> Any:
-    """JSON parsed with Decimal floats -> the float/int form the text decoder produces."""
+    """JSON parsed with Decimal floats -> the float form ``json.loads`` produces.
+
+    ``parse_float`` only ever sees literals with a fraction or exponent, so ``1.0`` stays a
+    float (as on the logical path and in MySQL) instead of turning into the int ``1``.
+    """
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        return float(value)
     if isinstance(value, dict):
         return {k: _json_float(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -873,7 +873,7 @@ def test_runner_until_idle_applies_everything_and_checkpoints(
         rules,
         RunOptions(until_idle=True),
         describe_position=source.describe_position,
-        preflight=lambda: preflight(options),
+        preflight=lambda checkpoint: preflight(options, resuming=checkpoint is not None),
     )
     runner.run()
     assert sorted(sink.values) == sorted(f"item:{i}" for i in range(5, 30))
