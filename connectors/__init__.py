@@ -1,8 +1,9 @@
 """Adapters to external systems, one module per system, and the builders the CLI wires them with.
 
-``build_source``, ``build_sink`` and ``build_checkpoint_store`` turn validated ``Settings`` into
-adapter instances. Driver modules are imported inside the builders, so choosing the MySQL source
-never imports psycopg and the core can be imported with no driver at all.
+``build_source``, ``build_sink``, ``build_checkpoint_store`` and ``build_dead_letter_store`` turn
+validated ``Settings`` into adapter instances. Driver modules are imported inside the builders,
+so choosing the MySQL source never imports psycopg and the core can be imported with no driver at
+all.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
     from connectors.mysql import MySQLOptions
     from connectors.postgres_common import PostgresOptions
     from connectors.redis import RedisOptions
-    from worker.interfaces import CheckpointStore, CheckResult, Sink, Source
+    from worker.events import Position
+    from worker.interfaces import CheckpointStore, CheckResult, DeadLetterStore, Sink, Source
     from worker.rules import RuleSet
+    from worker.verify import CacheReader, RowReader
 
 
 def mysql_options(settings: Settings) -> MySQLOptions:
@@ -115,22 +118,25 @@ def build_source(settings: Settings) -> Source:
     raise ConfigError(f"source.kind: {kind!r} is not a known source")
 
 
-def preflight(settings: Settings) -> Callable[[], None]:
-    """The start-up check of the configured source, as a callable the run loop retries."""
+def preflight(settings: Settings) -> Callable[[Position | None], None]:
+    """The start-up check of the configured source, as a callable the run loop retries.
+
+    It gets the loaded checkpoint: a source may treat missing state differently on a resume.
+    """
     kind = settings.source.kind
     if kind == "mysql":
         from connectors.mysql import preflight as mysql_preflight
 
         mysql_opts = mysql_options(settings)
-        return lambda: mysql_preflight(mysql_opts)
+        return lambda checkpoint: mysql_preflight(mysql_opts)
     pg_opts = postgres_options(settings)
     if kind == "postgres-notify":
         from connectors.postgres_notify import preflight as notify_preflight
 
-        return lambda: notify_preflight(pg_opts)
+        return lambda checkpoint: notify_preflight(pg_opts)
     from connectors.postgres_logical import preflight as logical_preflight
 
-    return lambda: logical_preflight(pg_opts)
+    return lambda checkpoint: logical_preflight(pg_opts, resuming=checkpoint is not None)
 
 
 def source_checks(settings: Settings, source: Source, rules: RuleSet) -> list[CheckResult]:
@@ -185,6 +191,12 @@ def build_checkpoint_store(settings: Settings, client: redis.Redis) -> Checkpoin
     return RedisCheckpointStore(client, settings.checkpoint_key())
 
 
+def build_dead_letter_store(settings: Settings, client: redis.Redis) -> DeadLetterStore:
+    from connectors.redis import RedisDeadLetterStore
+
+    return RedisDeadLetterStore(client, settings.dead_letter_key())
+
+
 def secrets_of(settings: Settings) -> list[str | None]:
     """Every secret the settings hold, for the log scrubber."""
     return [
@@ -196,6 +208,7 @@ def secrets_of(settings: Settings) -> list[str | None]:
 
 __all__ = [
     "build_checkpoint_store",
+    "build_dead_letter_store",
     "build_sink",
     "build_source",
     "mysql_options",
@@ -206,3 +219,17 @@ __all__ = [
     "secrets_of",
     "source_checks",
 ]
+
+
+def build_verify_readers(settings: Settings) -> tuple[RowReader, CacheReader]:
+    """The row reader of the configured source and the Redis key reader, for ``verify``."""
+    from connectors.redis_values import RedisCacheReader
+
+    cache = RedisCacheReader(redis_client(settings))
+    if settings.source.kind == "mysql":
+        from connectors.mysql_rows import MySQLRowReader
+
+        return MySQLRowReader(mysql_options(settings)), cache
+    from connectors.postgres_rows import PostgresRowReader
+
+    return PostgresRowReader(postgres_options(settings)), cache

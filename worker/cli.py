@@ -1,9 +1,10 @@
 """The ``cache-worker`` command line: the only place that wires adapters to the core.
 
 Commands: ``run`` (the daemon), ``check`` (preflight, one line per check, non-zero on any FAIL),
-``setup``/``teardown`` (what a Postgres source needs), ``reset-checkpoint`` (forget the
-position, after a PositionLost) and ``--version``. Exit codes are
-``worker.errors.ExitCode`` and are listed in ``--help`` and the README.
+``setup``/``teardown`` (what a Postgres source needs), ``verify`` (the staleness inspector),
+``dlq list|replay|purge`` (dead letters), ``reset-checkpoint`` (forget the position, after a
+PositionLost) and ``--version``. Exit codes are ``worker.errors.ExitCode`` and are listed in
+``--help`` and the README.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import structlog
 
 from worker import __version__
 from worker.errors import CacheWorkerError, ExitCode
-from worker.interfaces import CheckResult
+from worker.interfaces import CheckResult, DeadLetterStore
 from worker.logs import SecretScrubber, configure_logging
 from worker.redact import redact_url
 from worker.runner import Runner, RunOptions, describe_error
@@ -37,7 +38,7 @@ Exit codes:
   4  database or Redis unavailable, or the checkpoint could not be saved
   5  position lost (binlog purged past the checkpoint): reset-checkpoint and rewarm
   6  precondition failed (binlog settings, privileges, missing table)
-  7  check found a FAIL
+  7  check found a FAIL, or verify found a stale key
   130 forced exit on a second signal
 """
 
@@ -140,6 +141,7 @@ def _run(
         client = connectors.redis_client(settings)
         sink = connectors.build_sink(client)
         store = connectors.build_checkpoint_store(settings, client)
+        dead_letters = connectors.build_dead_letter_store(settings, client)
     except CacheWorkerError as exc:
         return _fail(exc, scrubber)
     options = RunOptions(
@@ -149,6 +151,7 @@ def _run(
         queue_size=settings.batch.queue_size,
         progress_interval_s=settings.log.progress_interval,
         retry_max_backoff_s=settings.batch.retry_max_backoff,
+        poison_retries=settings.batch.poison_retries,
         max_transactions=max_transactions,
         until_idle=until_idle,
     )
@@ -160,6 +163,7 @@ def _run(
         options,
         describe_position=getattr(source, "describe_position", None),
         preflight=connectors.preflight(settings),
+        dead_letters=dead_letters,
     )
     _install_signal_handlers(runner)
     try:
@@ -327,6 +331,114 @@ def teardown(config_path: Path, dry_run: bool) -> None:
     sys.exit(_schema_command(config_path, dry_run, "teardown"))
 
 
+@cli.group()
+def dlq() -> None:
+    """Dead letters: changes Redis kept refusing, or that a rule failed on.
+
+    They live in the Redis stream cache-worker:dlq:<name> (at most about 100000 entries); their
+    keys were evicted when they were dead-lettered.
+    """
+
+
+def _open_dead_letters(
+    config_path: Path,
+) -> tuple[Settings, Any, DeadLetterStore, SecretScrubber]:
+    """Settings, Redis client, dead-letter store and scrubber; exits with the error's code."""
+    import connectors
+
+    configure_logging(level="warning", fmt="auto", stream=sys.stderr)
+    try:
+        settings = _load(config_path)
+        client = connectors.redis_client(settings)
+        store = connectors.build_dead_letter_store(settings, client)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(int(exc.exit_code))
+    return settings, client, store, SecretScrubber(connectors.secrets_of(settings))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dlq.command("list")
+@_config_option
+@click.option(
+    "--count", type=click.IntRange(min=1), default=100, show_default=True, help="At most N."
+)
+def dlq_list(config_path: Path, count: int) -> None:
+    """Print the oldest dead letters, one per line: id, at, rule, key, action, error."""
+    settings, client, store, scrubber = _open_dead_letters(config_path)
+    try:
+        entries = store.list(count)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {scrubber.scrub(str(exc))}", err=True)
+        sys.exit(int(exc.exit_code))
+    finally:
+        client.close()
+    for entry in entries:
+        fields = (entry.id, entry.at, entry.rule, entry.key, entry.action, entry.error)
+        click.echo("  ".join(scrubber.scrub(_one_line(f)) or "-" for f in fields))
+    click.echo(f"{len(entries)} dead letters shown ({settings.dead_letter_key()})", err=True)
+
+
+@dlq.command("replay")
+@_config_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_replay(config_path: Path, yes: bool) -> None:
+    """Re-apply every dead letter through the normal sink; delete those that succeed.
+
+    Refreshes keep their version, so a key Redis holds at a newer version is never overwritten;
+    evicts delete their key again. Entries of rule failures cannot be replayed and stay (fix the
+    rule or the data, then purge). Exits 4 when some entries were refused again.
+    """
+    import connectors
+    from worker.dead_letters import replay
+
+    settings, client, store, scrubber = _open_dead_letters(config_path)
+    if not yes:
+        click.confirm(
+            f"replay the dead letters of {settings.dead_letter_key()} onto "
+            f"{redact_url(settings.redis.url)}?",
+            abort=True,
+        )
+    sink = connectors.build_sink(client)
+    try:
+        result = replay(store, sink)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {scrubber.scrub(str(exc))}", err=True)
+        sys.exit(int(exc.exit_code))
+    finally:
+        sink.close()
+    for entry, error in result.failed:
+        click.echo(f"failed  {entry.id}  {entry.key}  {scrubber.scrub(_one_line(error))}")
+    for entry in result.skipped:
+        click.echo(f"skipped  {entry.id}  {entry.rule}  {entry.action}: cannot be replayed")
+    click.echo(
+        f"{result.replayed} replayed, {len(result.failed)} failed, {len(result.skipped)} skipped"
+    )
+    if result.failed:
+        sys.exit(int(ExitCode.UNAVAILABLE))
+
+
+@dlq.command("purge")
+@_config_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(config_path: Path, yes: bool) -> None:
+    """Delete every dead letter."""
+    settings, client, store, scrubber = _open_dead_letters(config_path)
+    try:
+        if not yes:
+            click.confirm(f"delete every dead letter in {settings.dead_letter_key()}?", abort=True)
+        purged = store.purge()
+    except CacheWorkerError as exc:
+        click.echo(f"error: {scrubber.scrub(str(exc))}", err=True)
+        sys.exit(int(exc.exit_code))
+    finally:
+        client.close()
+    click.echo(f"{purged} dead letters purged")
+
+
 @cli.command("reset-checkpoint")
 @_config_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -358,6 +470,128 @@ def reset_checkpoint(config_path: Path, yes: bool) -> None:
         sys.exit(int(ExitCode.INTERNAL))
     forget()
     click.echo("checkpoint removed")
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Check N random rows per rule instead of the whole table.",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Rows per SELECT (keyset pagination in primary-key order) and per Redis round trip.",
+)
+@click.option(
+    "--examples",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Stale keys to show per rule, with expected and actual values.",
+)
+@click.option(
+    "--recheck-delay",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds a stale candidate waits before its re-check; at least the worker's lag. "
+    "Default: 1, plus source.poll_interval for postgres-logical (it polls its slot).",
+)
+def verify(
+    config_path: Path,
+    sample: int | None,
+    chunk: int,
+    examples: int,
+    recheck_delay: float | None,
+) -> None:
+    """Compare every refresh rule's keys in Redis with what the worker would write for the rows.
+
+    Each key is fresh (holds that value), missing (absent: allowed) or stale (holds something
+    else, or exists for a row outside `when`). A stale key is checked once more before it counts,
+    so a running worker does not cause false alarms. Exit 0 when nothing is stale, 7 otherwise.
+    """
+    sys.exit(_verify(config_path, sample, chunk, examples, recheck_delay))
+
+
+def _verify(
+    config_path: Path,
+    sample: int | None,
+    chunk: int,
+    examples: int,
+    recheck_delay: float | None,
+) -> int:
+    import connectors
+    from worker.rules import Rule
+    from worker.verify import (
+        Progress,
+        RuleReport,
+        VerifyOptions,
+        any_stale,
+        format_report,
+        format_totals,
+        verify_rules,
+    )
+
+    configure_logging(level="warning", fmt="auto", stream=sys.stderr)
+    try:
+        settings = _load(config_path)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
+    scrubber = SecretScrubber(connectors.secrets_of(settings))
+    rules = compile_rules(settings)
+
+    def show(report: RuleReport) -> None:
+        for line in format_report(report):
+            click.echo(scrubber.scrub(line))
+
+    def progress_bar(rule: Rule, total: int | None) -> Progress:
+        from tqdm import tqdm
+
+        # A bar only on a terminal; in a pipe or a log the per-rule lines say everything.
+        return tqdm(
+            total=total,
+            desc=rule.name,
+            unit="rows",
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    if recheck_delay is None:
+        # The logical source reads its slot every poll_interval; the others stream (ms of lag).
+        recheck_delay = 1.0
+        if settings.source.kind == "postgres-logical":
+            recheck_delay += settings.source.poll_interval
+    options = VerifyOptions(
+        chunk=chunk, sample=sample, examples=examples, recheck_delay_s=recheck_delay
+    )
+    try:
+        rows, cache = connectors.build_verify_readers(settings)
+    except CacheWorkerError as exc:
+        click.echo(f"error: {scrubber.scrub(str(exc))}", err=True)
+        return int(exc.exit_code)
+    try:
+        reports = verify_rules(
+            rules.rules,
+            rows,
+            cache,
+            options,
+            on_report=show,
+            progress=progress_bar if sys.stderr.isatty() else None,
+        )
+    except CacheWorkerError as exc:
+        click.echo(f"error: {scrubber.scrub(str(exc))}", err=True)
+        return int(exc.exit_code)
+    finally:
+        rows.close()
+        cache.close()
+    click.echo(format_totals(reports))
+    return int(ExitCode.CHECK_FAILED if any_stale(reports) else ExitCode.OK)
 
 
 def main() -> None:
