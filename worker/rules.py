@@ -143,6 +143,7 @@ class Rule:
     index: int = 0
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     _null_skips: int = 0
+    _missing_warned: set[str] = field(default_factory=set)
     _too_large: int = 0
 
     def named_columns(self) -> dict[str, set[str]]:
@@ -176,7 +177,11 @@ class Rule:
         for template in self.keys:
             key = template.render(row)
             if key is None:
-                self._warn_null_key(template)
+                absent = [c for c in template.columns if c not in row]
+                if absent:
+                    self._warn_missing_columns(absent, f"keys template {template.text!r}")
+                else:
+                    self._warn_null_key(template)
                 continue
             keys.append(key)
         return keys
@@ -200,9 +205,26 @@ class Rule:
         # Jitter only shortens, so the declared TTL is an upper bound on staleness by expiry.
         return max(1, int(self.ttl_ms * (1.0 - self.jitter * random.random())))
 
+    def _warn_missing_columns(self, columns: list[str], where: str) -> None:
+        # A DDL (DROP/RENAME COLUMN) while the worker runs: say so once per column, not per row.
+        fresh = [c for c in columns if c not in self._missing_warned]
+        if fresh:
+            self._missing_warned.update(fresh)
+            log.warning(
+                "rule_column_missing",
+                rule=self.name,
+                table=str(self.table),
+                columns=fresh,
+                where=where,
+                hint="the table no longer has these columns; update the rule",
+            )
+
     def payload(self, row: Row) -> str | tuple[tuple[str, str], ...]:
         if self.columns is not None:
-            row = {c: row[c] for c in self.columns if c in row}
+            projected = {c: row[c] for c in self.columns if c in row}
+            if len(projected) < len(self.columns):
+                self._warn_missing_columns([c for c in self.columns if c not in row], "columns")
+            row = projected
         return encode_json(row) if self.format == "json" else encode_hash(row)
 
     def _watched_changed(self, before: Row, after: Row) -> bool:

@@ -292,3 +292,44 @@ def test_values_are_encoded_faithfully(
         }
         assert Decimal(value["d"]) == Decimal("12345678901234567890.0123456789")
         assert worker.stop() == 0
+
+
+def test_ddl_while_running_keeps_column_names_right(
+    source: SourceHarness, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    source.create_table("items", "id INT PRIMARY KEY, name VARCHAR(40), email VARCHAR(40)")
+    cfg = source.config(
+        redis_server.url(),
+        [
+            {"name": "all", "table": "DB.items", "keys": ["item:{id}"]},
+            {"name": "narrow", "table": "DB.items", "keys": ["n:{id}"], "columns": ["id", "email"]},
+        ],
+    )
+    with WorkerProcess(cfg) as worker:
+        worker.wait_streaming()
+        source.sql("INSERT INTO items VALUES (1, 'a', 'a@x')")
+        wait_until(lambda: get_json(redis_client, "item:1"), what="first row")
+
+        source.sql("ALTER TABLE items ADD COLUMN qty INT")
+        source.sql("INSERT INTO items VALUES (2, 'b', 'b@x', 5)")
+        wait_until(lambda: get_json(redis_client, "item:2"), what="row after ADD COLUMN")
+        assert get_json(redis_client, "item:2") == {"id": 2, "name": "b", "email": "b@x", "qty": 5}
+
+        source.sql("ALTER TABLE items RENAME COLUMN name TO full_name")
+        source.sql("UPDATE items SET full_name = 'c' WHERE id = 2")
+        wait_until(
+            lambda: (get_json(redis_client, "item:2") or {}).get("full_name") == "c",
+            what="row after RENAME COLUMN",
+        )
+        assert "name" not in get_json(redis_client, "item:2")
+
+        source.sql("ALTER TABLE items DROP COLUMN email")
+        source.sql("INSERT INTO items VALUES (3, 'd', 7)")
+        wait_until(lambda: get_json(redis_client, "item:3"), what="row after DROP COLUMN")
+        assert get_json(redis_client, "item:3") == {"id": 3, "full_name": "d", "qty": 7}
+        assert get_json(redis_client, "n:3") == {"id": 3}
+        wait_until(lambda: worker.has_event("rule_column_missing"), what="missing column warned")
+        [warning] = [e for e in worker.events() if e.get("event") == "rule_column_missing"]
+        assert warning["rule"] == "narrow" and warning["columns"] == ["email"]
+        assert not worker.exited()
+        assert worker.stop() == 0

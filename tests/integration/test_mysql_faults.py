@@ -54,13 +54,15 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
         before_outage = checkpoint.read_text()
 
         redis_server.stop()
+        outage_began = time.monotonic()
         sql(
             mariadb,
             mysql_db,
             *(f"INSERT INTO users (id, name) VALUES ({i}, 'n{i}')" for i in range(2, 202)),
         )
         wait_until(lambda: worker.has_event("retrying"), timeout=30, what="retry logged")
-        time.sleep(2)
+        # A ten-second outage: long enough for several backoff rounds.
+        time.sleep(max(0.0, 10.0 - (time.monotonic() - outage_began)))
         assert not worker.exited(), worker.output()
         assert checkpoint.read_text() == before_outage  # nothing applied, nothing checkpointed
 

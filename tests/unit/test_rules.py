@@ -214,3 +214,18 @@ def test_update_without_old_image_leaving_when_evicts_new_keys():
     r = rule(when={"status": "active"})
     no_old = RowChange(Op.UPDATE, USERS, None, {"id": 1, "status": "banned"}, 7)
     assert r.actions_for(no_old) == [Evict("user:1", "r", 7)]
+
+
+def test_column_dropped_by_ddl_is_warned_once(capsys):
+    import structlog
+
+    r = rule(
+        columns=("id", "name"),
+        keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("u:{email}")),
+    )
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            actions = r.actions_for(change(Op.INSERT, after={"id": 1}))
+            assert [a.key for a in actions] == ["user:1"]
+    missing = [e for e in logs if e["event"] == "rule_column_missing"]
+    assert [e["columns"] for e in missing] == [["email"], ["name"]]
