@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -429,6 +430,46 @@ def _binary_padder(length: int) -> Callable[[str], bytes]:
     return pad
 
 
+def _uuid_text(value: str) -> str:
+    # MariaDB's UUID is FIXED_BINARY(16) to the binlog. Tested on 10.11 with UUID() (v1), v2,
+    # v4, v5, v6, v7, other variants, all-zero and all-ones values: the row image always holds
+    # the bytes in text order, whatever byte swap the server may do for index order, so no
+    # un-swapping here. The binlog drops trailing zero bytes, hence the padding.
+    return str(uuid.UUID(bytes=value.encode(_PASSTHROUGH_CHARSET).ljust(16, b"\x00")))
+
+
+def _inet6_text(value: str) -> str:
+    """16 network-order bytes -> the text MariaDB's SELECT prints for an INET6.
+
+    Not ``str(ipaddress.IPv6Address)``: MariaDB (like MySQL's INET6_NTOA) compresses the first
+    longest run of zero groups even when it is a single group, and prints the last 32 bits as
+    dotted IPv4 for IPv4-compatible (``::1.2.3.4``) and IPv4-mapped (``::ffff:1.2.3.4``) values.
+    """
+    raw = value.encode(_PASSTHROUGH_CHARSET).ljust(16, b"\x00")
+    words = struct.unpack("!8H", raw)
+    gap_pos, gap_len = -1, 0
+    run_pos = -1
+    for i, word in enumerate((*words, 1)):  # the sentinel closes a trailing run
+        if word == 0:
+            if run_pos < 0:
+                run_pos = i
+        elif run_pos >= 0:
+            if i - run_pos > gap_len:
+                gap_pos, gap_len = run_pos, i - run_pos
+            run_pos = -1
+    if gap_pos == 0 and (gap_len == 6 or (gap_len == 5 and words[5] == 0xFFFF)):
+        prefix = "::" if gap_len == 6 else "::ffff:"
+        return prefix + ".".join(str(b) for b in raw[12:])
+    if gap_pos < 0:
+        return ":".join(f"{w:x}" for w in words)
+    head = ":".join(f"{w:x}" for w in words[:gap_pos])
+    tail = ":".join(f"{w:x}" for w in words[gap_pos + gap_len :])
+    return f"{head}::{tail}"
+
+
+_FIXED_BINARY_TEXT: dict[str, Callable[[str], str]] = {"uuid": _uuid_text, "inet6": _inet6_text}
+
+
 def _latin1(value: str) -> str:
     return value if value.isascii() else value.translate(_LATIN1_FROM_LATIN1_TEXT)
 
@@ -513,7 +554,8 @@ def build_plan(
 
     ``columns`` are the library's table-map columns; ``info`` is information_schema's view of
     the table, used for what the table map lacks (names, signedness, ENUM/SET values and
-    charsets without ``binlog_row_metadata=FULL``; MariaDB's JSON columns, which are LONGTEXT).
+    charsets without ``binlog_row_metadata=FULL``; MariaDB's JSON columns, which are LONGTEXT,
+    and its UUID/INET6 columns, which are BINARY(16)).
     """
     if info is not None and len(info) != len(columns):
         log.warning(
@@ -533,7 +575,16 @@ def build_plan(
         if column.name is None and col_info is not None:
             patches.append((index, "name", name))
         ctype = column.type
-        if ctype in _TEXT_TYPES:
+        text_of = _FIXED_BINARY_TEXT.get(col_info.data_type) if col_info is not None else None
+        if text_of is not None and ctype == FIELD_TYPE.STRING:
+            # MariaDB's UUID/INET6 reach the binlog as BINARY(16), even with full metadata; only
+            # information_schema knows them, and SELECT (hence verify) gives their text form.
+            patches.append(
+                (index, "cw_charset", getattr(column, "cw_charset", column.character_set_name))
+            )
+            patches.append((index, "character_set_name", _PASSTHROUGH_CHARSET))
+            converters.append((name, text_of))
+        elif ctype in _TEXT_TYPES:
             # A column object may already carry our override when a plan is rebuilt mid-event.
             original = getattr(column, "cw_charset", column.character_set_name)
             charset = original if metadata_full else None

@@ -33,6 +33,7 @@ from connectors.mysql import (
     make_position,
     preflight,
 )
+from connectors.mysql_rows import MySQLRowReader
 from tests.services import MariaDBServer, start_local_mariadb
 from worker.errors import PositionLost, SourceMisconfigured
 from worker.events import Heartbeat, Op, Position, RowChange, SourceItem, TableRef, Transaction
@@ -443,6 +444,64 @@ def test_value_normalisation_matrix(
     update = changes[3]
     assert update.op is Op.UPDATE and update.before == full
     assert update.after == {**full, "i": 6, "st": ["b"], "js": {"n": 1}}
+
+
+def test_uuid_and_inet6_arrive_as_their_select_text(
+    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+) -> None:
+    # Both types are BINARY(16) to the binlog; the cache must hold what SELECT (and verify) show.
+    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY, u UUID, ip INET6)")
+    t = TableRef(mysql_db, "t")
+    source = MySQLSource(_options(mariadb, [t]))
+    start = source.initial_position()
+    with conn.cursor() as cur:
+        cur.execute("SELECT UUID()")
+        row = cur.fetchone()
+    assert row is not None
+    uuids = [
+        str(row[0]),  # version 1, which MariaDB may store byte-swapped
+        str(uuid.uuid4()),
+        "00000000-0000-0000-0000-000000000001",
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        "12345678-9abc-1def-8123-456789abcdef",
+        "12345678-9abc-1def-c123-456789abcdef",
+        "12345678-9abc-7def-8123-456789abcdef",
+        "00000000-0000-0000-0000-000000000000",
+    ]
+    addresses = [
+        "2001:db8::1",
+        "::ffff:1.2.3.4",  # IPv4-mapped
+        "::1.2.3.4",  # IPv4-compatible
+        "::",
+        "::1",
+        "2001:db8:0:1:1:1:1:1",  # a single zero group, which MariaDB still compresses
+        "fe80::1:0:0:2",
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    ]
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO t VALUES (%s, %s, %s)",
+            [(i, u, ip) for i, (u, ip) in enumerate(zip(uuids, addresses, strict=True))],
+        )
+        cur.execute("INSERT INTO t VALUES (99, NULL, NULL)")
+        cur.execute("UPDATE t SET ip = '::ffff:10.0.0.1' WHERE id = 0")
+        cur.execute("SELECT id, u, ip FROM t ORDER BY id")
+        selected = {r[0]: {"id": r[0], "u": r[1], "ip": r[2]} for r in cur.fetchall()}
+    end = _end(mariadb)
+    with _Streamer(source, start) as streamer:
+        changes = [c for tx in _transactions(streamer.through(end)) for c in tx.changes]
+    inserted = {c.after["id"]: c.after for c in changes if c.op is Op.INSERT and c.after}
+    assert inserted == {**selected, 0: {**selected[0], "ip": "2001:db8::1"}}
+    assert inserted[99] == {"id": 99, "u": None, "ip": None}
+    update = changes[-1]
+    assert update.op is Op.UPDATE
+    assert (update.before, update.after) == (inserted[0], selected[0])
+    assert selected[0]["ip"] == "::ffff:10.0.0.1"
+    reader = MySQLRowReader(_options(mariadb, [t]))
+    try:
+        assert reader.scan(t, None, 100) == list(selected.values())
+    finally:
+        reader.close()
 
 
 def test_ddl_between_changes_keeps_columns_right(
