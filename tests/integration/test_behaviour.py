@@ -9,32 +9,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from tests.integration.harness import SOURCES, SourceHarness
+from tests.integration.harness import SourceHarness
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import RedisServer
-
-
-@pytest.fixture(params=SOURCES)
-def source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SourceHarness]:
-    kind = request.param
-    server = request.getfixturevalue("mariadb" if kind == "mysql" else "postgres")
-    if server.is_local:
-        server.start()
-    harness = SourceHarness(kind, server, tmp_path).create()
-    try:
-        yield harness
-    finally:
-        if server.is_local:
-            server.start()
-        harness.drop()
 
 
 def users_table(source: SourceHarness) -> None:

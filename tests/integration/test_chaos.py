@@ -10,29 +10,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
-from tests.integration.harness import SOURCES, SourceHarness
+from tests.integration.harness import SourceHarness
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import RedisServer
 
 ROWS = 300
 KILLS = 10
-
-
-@pytest.fixture(params=SOURCES)
-def source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SourceHarness]:
-    kind = request.param
-    server = request.getfixturevalue("mariadb" if kind == "mysql" else "postgres")
-    harness = SourceHarness(kind, server, tmp_path).create()
-    try:
-        yield harness
-    finally:
-        harness.drop()
 
 
 def test_kill_9_ten_times_under_load_then_verify_finds_nothing_stale(

@@ -14,33 +14,15 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from tests.integration.harness import SOURCES, SourceHarness
+from tests.integration.harness import SourceHarness
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import RedisServer, free_port
-
-
-@pytest.fixture(params=SOURCES)
-def source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SourceHarness]:
-    kind = request.param
-    server = request.getfixturevalue("mariadb" if kind == "mysql" else "postgres")
-    if server.is_local:
-        server.start()
-    harness = SourceHarness(kind, server, tmp_path).create()
-    try:
-        yield harness
-    finally:
-        if server.is_local:
-            server.start()
-        harness.drop()
-
 
 COMMON = (
     "id INT PRIMARY KEY, n INT, big BIGINT, d DECIMAL(12,4), name VARCHAR(100), day DATE, "
