@@ -11,9 +11,10 @@ STAMP := $(VENV)/.installed
 
 # Root installs directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := mariadb-server mariadb-client redis-server redis-tools postgresql-15
-# The binaries tests/services.py runs; any one missing means the packages need installing.
-SERVER_BINARIES := mariadbd redis-server /usr/lib/postgresql/15/bin/postgres
+DEB_PACKAGES := mariadb-server mariadb-client redis-server redis-tools postgresql-15 openssl procps
+# The binaries the tests run (servers from tests/services.py; openssl makes the TLS test's
+# certificates, pgrep checks nothing is left running); any one missing means installing.
+SERVER_BINARIES := mariadbd redis-server /usr/lib/postgresql/15/bin/postgres openssl pgrep
 
 .PHONY: install system-packages test unit lint demo bench clean
 
