@@ -424,6 +424,8 @@ def test_slot_advances_only_on_ack(postgres: PostgresServer, pg_db: PgDb) -> Non
     options = _options(postgres, db)
     source = _ready(options)
     start = source.initial_position()
+    # Without acks the source peeks once; both commits must be flushed to be in that peek.
+    conn.execute("SET synchronous_commit = on")
     conn.execute("INSERT INTO items VALUES (1, 'a', 1)")
     conn.execute("INSERT INTO items VALUES (2, 'b', 2)")
 
@@ -469,6 +471,9 @@ def test_checkpoint_ahead_of_slot_skips_what_it_covers(
     options = _options(postgres, db)
     source = _ready(options)
     start = source.initial_position()
+    # Flushed commits: without acks the source peeks once, and a peek only sees flushed WAL
+    # (the test server commits asynchronously), so both transactions must be in that one peek.
+    conn.execute("SET synchronous_commit = on")
     conn.execute("INSERT INTO items VALUES (1, 'a', 1)")
     conn.execute("INSERT INTO items VALUES (2, 'b', 2)")
     with _Streamer(source, start, auto_ack=False) as streamer:
