@@ -1,0 +1,184 @@
+"""The lag test: commit -> key visible in Redis, at a fixed offered load, for one source.
+
+A running ``cache-worker run`` (not burst mode) follows the source; the benchmark process then
+commits one INSERT per transaction into the lag table at a fixed rate and records when each
+commit returned, while a separate reader process, subscribed to the bench Redis's keyspace
+notifications for ``lag:*``, records when each key was first written. Both use the system-wide
+monotonic clock. The reader is its own process so neither the writer's pacing nor the GIL delays
+its timestamps. Everything is bounded: the writer stops at its count or at a deadline, the
+reader once it saw every key or at its own deadline, and the worker is stopped in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.report import LagResult
+from bench.rules import LAG_KEY_PREFIX
+from bench.stats import summarize_lag
+from bench.worker_run import BEGIN_EVENTS, WorkerProcess
+from tests.services import RedisServer
+
+# A writer: (insert row i and return after its commit, close).
+Writer = tuple[Callable[[int], None], Callable[[], None]]
+
+WORKER_READY_TIMEOUT_S = 60.0
+# After the source connects, a moment for the worker's first batch and caches to settle.
+WARMUP_S = 0.5
+READER_READY_TIMEOUT_S = 30.0
+# How long after the last commit the reader may still wait for keys.
+DRAIN_TIMEOUT_S = 15.0
+KEYSPACE_EVENTS = "K$"  # keyspace channel, string commands (the worker's SET)
+
+
+def _reader_main(
+    host: str,
+    port: int,
+    password: str | None,
+    expected: int,
+    max_seconds: float,
+    out_path: str,
+    ready: Any,
+    stop: Any,
+) -> None:
+    """Record the first ``set`` of each ``lag:<id>`` key; runs in its own process."""
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=10)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub.psubscribe(f"__keyspace@0__:{LAG_KEY_PREFIX}*")
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + max_seconds
+    ready.set()
+    try:
+        while len(seen) < expected and not stop.is_set() and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.05)
+            now = time.monotonic()
+            if message is None:
+                continue
+            suffix = bytes(message["channel"]).rsplit(b":", 1)[-1]
+            if suffix.isdigit():
+                seen.setdefault(int(suffix), now)
+    finally:
+        pubsub.close()
+        client.close()
+        Path(out_path).write_text(json.dumps(seen))
+
+
+def write_paced(
+    insert: Callable[[int], None], count: int, rate: float, deadline: float
+) -> dict[int, float]:
+    """Insert ids 1..count, the i-th due at start + (i-1)/rate; commit times by id.
+
+    A writer that falls behind does not sleep until it is on schedule again (and does not
+    burst to catch up beyond that): the achieved rate is reported. Stops at ``deadline``
+    (monotonic) whatever the count.
+    """
+    commits: dict[int, float] = {}
+    start = time.monotonic()
+    for i in range(1, count + 1):
+        delay = start + (i - 1) / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        insert(i)
+        commits[i] = now = time.monotonic()
+        if now > deadline:
+            break
+    return commits
+
+
+def achieved_rate(commits: dict[int, float]) -> float:
+    """Transactions per second between the first and the last commit."""
+    if len(commits) < 2:
+        return 0.0
+    span = max(commits.values()) - min(commits.values())
+    return (len(commits) - 1) / span if span > 0 else 0.0
+
+
+def measure(
+    source: str,
+    config: Path,
+    redis_server: RedisServer,
+    open_writer: Callable[[], Writer],
+    rate: int,
+    seconds: float,
+    work: Path,
+    log: Callable[[str], None],
+    notes: str = "",
+) -> LagResult:
+    """Run the lag test for one source whose worker config has the lag rule."""
+    count = int(rate * seconds)
+    out_path = work / f"lag-{source}.json"
+    out_path.unlink(missing_ok=True)
+    admin = redis_server.client()
+    admin.config_set("notify-keyspace-events", KEYSPACE_EVENTS)
+    worker = WorkerProcess(config, work / f"lag-{source}.log").start()
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    reader: Any = None
+    commits: dict[int, float] = {}
+    try:
+        if not worker.wait_for_event(BEGIN_EVENTS, WORKER_READY_TIMEOUT_S):
+            raise RuntimeError(
+                f"lag worker for {source} did not start streaming:\n"
+                + "\n".join(json.dumps(e) for e in worker.events()[-10:])
+            )
+        time.sleep(WARMUP_S)
+        writer_deadline = time.monotonic() + 3 * seconds + 10
+        reader = context.Process(
+            target=_reader_main,
+            args=(
+                redis_server.host,
+                redis_server.port,
+                redis_server.password,
+                count,
+                3 * seconds + 10 + DRAIN_TIMEOUT_S,
+                str(out_path),
+                ready,
+                stop,
+            ),
+            daemon=True,
+        )
+        reader.start()
+        if not ready.wait(READER_READY_TIMEOUT_S):
+            raise RuntimeError("the keyspace reader did not subscribe in time")
+        log(f"  writing {count} transactions at {rate}/s ...")
+        insert, close = open_writer()
+        try:
+            commits = write_paced(insert, count, rate, writer_deadline)
+        finally:
+            close()
+        reader.join(DRAIN_TIMEOUT_S)
+    finally:
+        if reader is not None and reader.is_alive():
+            stop.set()
+            reader.join(5)
+            if reader.is_alive():
+                reader.kill()
+                reader.join(5)
+        exited = worker.stop()
+        worker.kill()
+        admin.config_set("notify-keyspace-events", "")
+        admin.close()
+    # A reader killed at its deadline wrote nothing: then no key counts as seen.
+    raw = json.loads(out_path.read_text()) if out_path.exists() else {}
+    seen = {int(k): float(v) for k, v in raw.items()}
+    if exited.code != 0:
+        notes = "; ".join(filter(None, [notes, f"worker exited {exited.code}"]))
+    summary = summarize_lag(commits, seen)
+    return LagResult(
+        source=source,
+        offered_tx_per_s=rate,
+        achieved_tx_per_s=achieved_rate(commits),
+        transactions=len(commits),
+        seen=sum(1 for i in commits if i in seen),
+        p50_ms=summary.p50_ms if summary else None,
+        p99_ms=summary.p99_ms if summary else None,
+        max_ms=summary.max_ms if summary else None,
+        notes=notes,
+    )

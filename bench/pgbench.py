@@ -1,0 +1,171 @@
+"""The Postgres write-cost test: pgbench single-row UPDATE tps under three trigger variants.
+
+A database of its own is initialised with ``pgbench -i`` (scale 1: 100k accounts); each run is
+a custom script of one ``UPDATE pgbench_accounts ... WHERE aid = random`` per transaction, with
+a few clients for a few seconds: first with no trigger, then with the notify source's triggers
+exactly as ``cache-worker setup`` installs them today (so it measures whatever the trigger code
+currently is), then with a naive row-level ``pg_notify`` trigger. After the run with our
+triggers, their outbox holds every UPDATE of that run, written at pgbench's fastest rate with
+the triggers; a postgres-notify worker then drains it, which says whether the worker keeps up
+with that rate. ``parse_pgbench`` is the pure part, for the unit tests.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.postgres_contenders import pg_tool, tool_env
+from bench.report import PgbenchResult, Report
+from bench.worker_run import cli, run_until_idle, write_config
+from tests.services import PostgresServer, RedisServer
+
+DATABASE = "bench_pgbench"
+TABLE = "public.pgbench_accounts"
+ACCOUNTS_PER_SCALE = 100_000
+SCRIPT = (
+    f"\\set aid random(1, {ACCOUNTS_PER_SCALE})\n"
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
+)
+NAIVE_SQL = [
+    "CREATE OR REPLACE FUNCTION bench_naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+    "BEGIN\n"
+    "  PERFORM pg_notify('bench_naive', json_build_object(\n"
+    "    'table', TG_TABLE_NAME, 'op', TG_OP, 'aid', NEW.aid)::text);\n"
+    "  RETURN NULL;\n"
+    "END $$",
+    "CREATE TRIGGER bench_naive_notify AFTER UPDATE ON pgbench_accounts "
+    "FOR EACH ROW EXECUTE FUNCTION bench_naive_notify()",
+]
+NAIVE_DROP_SQL = [
+    "DROP TRIGGER IF EXISTS bench_naive_notify ON pgbench_accounts",
+    "DROP FUNCTION IF EXISTS bench_naive_notify()",
+]
+_TPS = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding) initial connection", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class PgbenchOutput:
+    tps: float
+    transactions: int
+
+
+def parse_pgbench(output: str) -> PgbenchOutput:
+    """tps (without the initial connection time) and transactions from pgbench's report."""
+    tps = _TPS.search(output)
+    processed = _PROCESSED.search(output)
+    if tps is None or processed is None:
+        raise ValueError(f"no tps in pgbench output:\n{output[-1000:]}")
+    return PgbenchOutput(float(tps.group(1)), int(processed.group(1)))
+
+
+def _connection_args(pg: PostgresServer) -> list[str]:
+    return ["-h", pg.host, "-p", str(pg.port), "-U", pg.user]
+
+
+def _pgbench(pg: PostgresServer, args: list[str], timeout: float) -> str:
+    done = subprocess.run(
+        [pg_tool("pgbench"), *_connection_args(pg), *args, DATABASE],
+        env=tool_env(pg),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pgbench {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def _sql(pg: PostgresServer, statements: list[str]) -> None:
+    with pg.connect(DATABASE) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def run(
+    pg: PostgresServer,
+    redis_server: RedisServer,
+    work: Path,
+    seconds: int,
+    clients: int,
+    timeout: float,
+    report: Report,
+    log: Callable[[str], None],
+) -> None:
+    """Every variant in turn; results go into ``report`` as they finish."""
+    with pg.connect() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
+        conn.execute(f"CREATE DATABASE {DATABASE}")
+        # As for the workloads (see postgres_contenders.configure): the default commit.
+        conn.execute(f"ALTER DATABASE {DATABASE} SET synchronous_commit = on")
+    log("  pgbench -i ...")
+    _pgbench(pg, ["-i", "-q", "-s", "1"], timeout)
+    script = work / "pgbench-update.sql"
+    script.write_text(SCRIPT)
+    jobs = min(clients, 2)
+    args = ["-n", "-M", "prepared", "-c", str(clients), "-j", str(jobs), "-T", str(seconds)]
+    args += ["-f", str(script)]
+    note = f"{clients} clients, {seconds}s"
+
+    def measure(variant: str, kind: str, extra: str = "") -> PgbenchResult:
+        # Each run starts from a vacuumed table and a fresh checkpoint, so none pays for the
+        # previous run's dead rows or dirty pages.
+        _sql(pg, [f"VACUUM {TABLE}", "CHECKPOINT"])
+        log(f"  pgbench: {variant} ...")
+        out = parse_pgbench(_pgbench(pg, args, timeout + seconds))
+        result = PgbenchResult(variant, kind, out.tps, out.transactions, f"{note}{extra}")
+        report.pgbench.append(result)
+        return result
+
+    measure("no trigger", "none")
+
+    config = write_config(
+        work,
+        "pgbench_notify",
+        {"kind": "postgres-notify", "dsn": pg.dsn(DATABASE)},
+        redis_server.url(),
+        [
+            {
+                "name": "accounts-json",
+                "table": TABLE,
+                "keys": ["account:{aid}"],
+                "action": "refresh",
+                "format": "json",
+            }
+        ],
+    )
+    cli("setup", config=config)
+    try:
+        ours = measure(
+            "cache-worker notify triggers (`cache-worker setup`)",
+            "ours",
+            "; no worker running: the outbox keeps every UPDATE",
+        )
+        log("  cache-worker drains the outbox ...")
+        redis_client = redis_server.client()
+        try:
+            redis_client.flushdb()
+        finally:
+            redis_client.close()
+        report.notify_drain = run_until_idle(
+            "cache-worker json refresh rule",
+            "refresh",
+            config,
+            work / "pgbench_notify.log",
+            timeout,
+            ours.transactions,
+        )
+    finally:
+        cli("teardown", config=config)
+
+    _sql(pg, NAIVE_SQL)
+    try:
+        measure("naive per-row pg_notify trigger", "naive", "; nobody listening")
+    finally:
+        _sql(pg, NAIVE_DROP_SQL)
