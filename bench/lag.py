@@ -16,12 +16,9 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import redis
-
+from bench import keyspace_reader
 from bench.report import LagResult
-from bench.rules import LAG_KEY_PREFIX
 from bench.stats import summarize_lag
 from bench.worker_run import BEGIN_EVENTS, WorkerProcess
 from tests.services import RedisServer
@@ -35,39 +32,6 @@ WARMUP_S = 0.5
 READER_READY_TIMEOUT_S = 30.0
 # How long after the last commit the reader may still wait for keys.
 DRAIN_TIMEOUT_S = 15.0
-KEYSPACE_EVENTS = "K$"  # keyspace channel, string commands (the worker's SET)
-
-
-def _reader_main(
-    host: str,
-    port: int,
-    password: str | None,
-    expected: int,
-    max_seconds: float,
-    out_path: str,
-    ready: Any,
-    stop: Any,
-) -> None:
-    """Record the first ``set`` of each ``lag:<id>`` key; runs in its own process."""
-    client = redis.Redis(host=host, port=port, password=password, socket_timeout=10)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.psubscribe(f"__keyspace@0__:{LAG_KEY_PREFIX}*")
-    seen: dict[int, float] = {}
-    deadline = time.monotonic() + max_seconds
-    ready.set()
-    try:
-        while len(seen) < expected and not stop.is_set() and time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.05)
-            now = time.monotonic()
-            if message is None:
-                continue
-            suffix = bytes(message["channel"]).rsplit(b":", 1)[-1]
-            if suffix.isdigit():
-                seen.setdefault(int(suffix), now)
-    finally:
-        pubsub.close()
-        client.close()
-        Path(out_path).write_text(json.dumps(seen))
 
 
 def write_paced(
@@ -116,46 +80,44 @@ def measure(
     out_path = work / f"lag-{source}.json"
     out_path.unlink(missing_ok=True)
     admin = redis_server.client()
-    admin.config_set("notify-keyspace-events", KEYSPACE_EVENTS)
-    worker = WorkerProcess(config, work / f"lag-{source}.log").start()
+    admin.config_set("notify-keyspace-events", keyspace_reader.KEYSPACE_EVENTS)
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
-    reader: Any = None
+    writer_seconds = 3 * seconds + 10
+    reader = context.Process(
+        target=keyspace_reader.main,
+        args=(
+            redis_server.host,
+            redis_server.port,
+            redis_server.password,
+            count,
+            WORKER_READY_TIMEOUT_S + writer_seconds + DRAIN_TIMEOUT_S,
+            str(out_path),
+            ready,
+            stop,
+        ),
+        daemon=True,
+    )
     commits: dict[int, float] = {}
+    # The reader and the worker start side by side: both take a moment to import.
+    reader.start()
+    worker = WorkerProcess(config, work / f"lag-{source}.log").start()
     try:
         if not worker.wait_for_event(BEGIN_EVENTS, WORKER_READY_TIMEOUT_S):
-            raise RuntimeError(
-                f"lag worker for {source} did not start streaming:\n"
-                + "\n".join(json.dumps(e) for e in worker.events()[-10:])
-            )
-        time.sleep(WARMUP_S)
-        writer_deadline = time.monotonic() + 3 * seconds + 10
-        reader = context.Process(
-            target=_reader_main,
-            args=(
-                redis_server.host,
-                redis_server.port,
-                redis_server.password,
-                count,
-                3 * seconds + 10 + DRAIN_TIMEOUT_S,
-                str(out_path),
-                ready,
-                stop,
-            ),
-            daemon=True,
-        )
-        reader.start()
+            tail = "\n".join(json.dumps(e) for e in worker.events()[-10:])
+            raise RuntimeError(f"the lag worker for {source} did not start streaming:\n{tail}")
         if not ready.wait(READER_READY_TIMEOUT_S):
             raise RuntimeError("the keyspace reader did not subscribe in time")
+        time.sleep(WARMUP_S)
         log(f"  writing {count} transactions at {rate}/s ...")
         insert, close = open_writer()
         try:
-            commits = write_paced(insert, count, rate, writer_deadline)
+            commits = write_paced(insert, count, rate, time.monotonic() + writer_seconds)
         finally:
             close()
         reader.join(DRAIN_TIMEOUT_S)
     finally:
-        if reader is not None and reader.is_alive():
+        if reader.is_alive():
             stop.set()
             reader.join(5)
             if reader.is_alive():
@@ -165,9 +127,7 @@ def measure(
         worker.kill()
         admin.config_set("notify-keyspace-events", "")
         admin.close()
-    # A reader killed at its deadline wrote nothing: then no key counts as seen.
-    raw = json.loads(out_path.read_text()) if out_path.exists() else {}
-    seen = {int(k): float(v) for k, v in raw.items()}
+    seen = keyspace_reader.read_stamps(out_path)
     if exited.code != 0:
         notes = "; ".join(filter(None, [notes, f"worker exited {exited.code}"]))
     summary = summarize_lag(commits, seen)

@@ -140,7 +140,7 @@ def run(
             }
         ],
     )
-    cli("setup", config=config)
+    cli("setup", configs=[config])
     try:
         ours = measure(
             "cache-worker notify triggers (`cache-worker setup`)",
@@ -162,7 +162,7 @@ def run(
             ours.transactions,
         )
     finally:
-        cli("teardown", config=config)
+        cli("teardown", configs=[config])
 
     _sql(pg, NAIVE_SQL)
     try:

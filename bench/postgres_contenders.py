@@ -305,12 +305,10 @@ class _SourceBench:
         return next(config for _label, kind, config in self.configs if kind == "refresh")
 
     def setup(self) -> None:
-        for _label, _kind, config in self.configs:
-            cli("setup", config=config)
+        cli("setup", configs=[config for _label, _kind, config in self.configs])
 
     def teardown(self) -> None:
-        for _label, _kind, config in self.configs:
-            cli("teardown", config=config)
+        cli("teardown", configs=[config for _label, _kind, config in self.configs])
 
     def _workers(self, expected_rows: int, into: list[Result]) -> None:
         for label, kind, config in self.configs:
@@ -334,6 +332,12 @@ class LogicalBench(_SourceBench):
             "dsn": self.pg.dsn(),
             "poll_interval": self.poll_interval,
         }
+
+    def setup(self) -> None:
+        # One at a time: creating a slot waits for every running transaction, another
+        # setup's included.
+        for _label, _kind, config in self.configs:
+            cli("setup", configs=[config])
 
     def teardown(self) -> None:
         # Slots keep WAL and make every later peek decode more: never leave one behind.

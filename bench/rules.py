@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.keyspace_reader import LAG_KEY_PREFIX
+
 ITEM_KEY = "item:{id}"
-LAG_KEY_PREFIX = "lag:"
 
 
 def item_key(row_id: object) -> str:
