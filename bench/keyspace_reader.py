@@ -1,50 +1,63 @@
 """The lag test's reader process: when each ``lag:<id>`` key was first written to Redis.
 
-Its own small module because it is the target of a spawned process: the child imports only
-this and redis, so it is subscribed within a fraction of a second. It subscribes to the
-keyspace notifications of ``lag:*`` (the benchmark enables them on its own Redis), stamps each
-first ``set`` with the system-wide monotonic clock the writer also uses, and writes the stamps
-as JSON when it saw every key, was told to stop, or reached its deadline.
+Run as ``python -m bench.keyspace_reader`` (its own small process: it imports only redis, so it
+is subscribed within a fraction of a second, and neither the writer's pacing nor the GIL delays
+its stamps). It subscribes to the keyspace notifications of ``lag:*`` (the benchmark enables them
+on its own Redis), creates the ``--ready`` file, stamps each first ``set`` with the system-wide
+monotonic clock the writer also uses, and writes the stamps as JSON to ``--out`` once it saw
+``--expected`` keys, got SIGTERM, or reached ``--max-seconds``. The Redis password, if any,
+comes from the ``BENCH_REDIS_PASSWORD`` environment variable, never the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
 LAG_KEY_PREFIX = "lag:"
 KEYSPACE_EVENTS = "K$"  # keyspace channel, string commands (the worker's SET)
+PASSWORD_ENV = "BENCH_REDIS_PASSWORD"
 
 
 def read_stamps(path: Path) -> dict[int, float]:
-    """The stamps a reader wrote; empty when it wrote none (killed at its deadline)."""
+    """The stamps a reader wrote; empty when it wrote none (killed outright)."""
     raw = json.loads(path.read_text()) if path.exists() else {}
     return {int(k): float(v) for k, v in raw.items()}
 
 
-def main(
-    host: str,
-    port: int,
-    password: str | None,
-    expected: int,
-    max_seconds: float,
-    out_path: str,
-    ready: Any,
-    stop: Any,
-) -> None:
-    """Record the first write of each ``lag:<id>`` key; ``ready``/``stop`` are Events."""
-    client = redis.Redis(host=host, port=port, password=password, socket_timeout=10)
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.keyspace_reader")
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--expected", type=int, required=True)
+    parser.add_argument("--max-seconds", type=float, required=True)
+    parser.add_argument("--ready", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    client = redis.Redis(
+        host=args.host, port=args.port, password=os.environ.get(PASSWORD_ENV), socket_timeout=10
+    )
     pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.psubscribe(f"__keyspace@0__:{LAG_KEY_PREFIX}*")
     seen: dict[int, float] = {}
-    deadline = time.monotonic() + max_seconds
-    ready.set()
+    deadline = time.monotonic() + args.max_seconds
+    args.ready.write_text("subscribed\n")
     try:
-        while len(seen) < expected and not stop.is_set() and time.monotonic() < deadline:
+        while len(seen) < args.expected and not stop.is_set() and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.05)
             now = time.monotonic()
             if message is None:
@@ -55,4 +68,9 @@ def main(
     finally:
         pubsub.close()
         client.close()
-        Path(out_path).write_text(json.dumps(seen))
+        args.out.write_text(json.dumps(seen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

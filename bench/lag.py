@@ -11,8 +11,11 @@ reader once it saw every key or at its own deadline, and the worker is stopped i
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +35,15 @@ WARMUP_S = 0.5
 READER_READY_TIMEOUT_S = 30.0
 # How long after the last commit the reader may still wait for keys.
 DRAIN_TIMEOUT_S = 15.0
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.02)
+    return path.exists()
 
 
 def write_paced(
@@ -77,36 +89,36 @@ def measure(
 ) -> LagResult:
     """Run the lag test for one source whose worker config has the lag rule."""
     count = int(rate * seconds)
-    out_path = work / f"lag-{source}.json"
+    out_path, ready_path = work / f"lag-{source}.json", work / f"lag-{source}.ready"
     out_path.unlink(missing_ok=True)
+    ready_path.unlink(missing_ok=True)
     admin = redis_server.client()
     admin.config_set("notify-keyspace-events", keyspace_reader.KEYSPACE_EVENTS)
-    context = multiprocessing.get_context("spawn")
-    ready, stop = context.Event(), context.Event()
     writer_seconds = 3 * seconds + 10
-    reader = context.Process(
-        target=keyspace_reader.main,
-        args=(
-            redis_server.host,
-            redis_server.port,
-            redis_server.password,
-            count,
-            WORKER_READY_TIMEOUT_S + writer_seconds + DRAIN_TIMEOUT_S,
-            str(out_path),
-            ready,
-            stop,
-        ),
-        daemon=True,
-    )
-    commits: dict[int, float] = {}
+    env = dict(os.environ)
+    if redis_server.password:
+        env[keyspace_reader.PASSWORD_ENV] = redis_server.password
     # The reader and the worker start side by side: both take a moment to import.
-    reader.start()
+    reader = subprocess.Popen(
+        [
+            sys.executable, "-m", "bench.keyspace_reader",
+            "--host", redis_server.host,
+            "--port", str(redis_server.port),
+            "--expected", str(count),
+            "--max-seconds", str(WORKER_READY_TIMEOUT_S + writer_seconds + DRAIN_TIMEOUT_S),
+            "--ready", str(ready_path),
+            "--out", str(out_path),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    commits: dict[int, float] = {}
     worker = WorkerProcess(config, work / f"lag-{source}.log").start()
     try:
         if not worker.wait_for_event(BEGIN_EVENTS, WORKER_READY_TIMEOUT_S):
             tail = "\n".join(json.dumps(e) for e in worker.events()[-10:])
             raise RuntimeError(f"the lag worker for {source} did not start streaming:\n{tail}")
-        if not ready.wait(READER_READY_TIMEOUT_S):
+        if not _wait_for_file(ready_path, reader, READER_READY_TIMEOUT_S):
             raise RuntimeError("the keyspace reader did not subscribe in time")
         time.sleep(WARMUP_S)
         log(f"  writing {count} transactions at {rate}/s ...")
@@ -115,14 +127,16 @@ def measure(
             commits = write_paced(insert, count, rate, time.monotonic() + writer_seconds)
         finally:
             close()
-        reader.join(DRAIN_TIMEOUT_S)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            reader.wait(DRAIN_TIMEOUT_S)
     finally:
-        if reader.is_alive():
-            stop.set()
-            reader.join(5)
-            if reader.is_alive():
+        if reader.poll() is None:
+            reader.terminate()  # it writes what it saw and exits
+            try:
+                reader.wait(5)
+            except subprocess.TimeoutExpired:
                 reader.kill()
-                reader.join(5)
+                reader.wait(5)
         exited = worker.stop()
         worker.kill()
         admin.config_set("notify-keyspace-events", "")
