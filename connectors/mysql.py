@@ -45,6 +45,9 @@ from pymysqlreplication.row_event import (
     WriteRowsEvent,
 )
 
+from connectors.mysql_decode import INSERT_EVENTS as _INSERT_EVENTS
+from connectors.mysql_decode import UPDATE_EVENTS, TableDecoder, compile_table
+from connectors.mysql_stream import FastMariaGtid, FastRows, FastXid, PacketEvents
 from worker.errors import (
     CacheWorkerError,
     PositionLost,
@@ -957,6 +960,7 @@ class _Session:
         self.meta = meta
         self.conns: list[Any] = []
         self.reader: Any = None
+        self.packets: PacketEvents | None = None
         self.plans: dict[int, _Plan] = {}
         self.table_info: dict[TableRef, list[ColumnInfo] | None] = {}
 
@@ -979,6 +983,8 @@ class _Session:
             # the one before every transaction (half the decoding time); ids are reused after a
             # server restart (a new file) and a DDL changes the definition behind an id.
             self.reader.table_map.clear()
+        if self.packets is not None:
+            self.packets.forget_tables()
         self.plans.clear()
         self.table_info.clear()
         # The library caches information_schema column names process-wide and never forgets.
@@ -1022,20 +1028,28 @@ class _Session:
         return info
 
     def plan(self, event: Any, ref: TableRef) -> _Plan:
-        table = self.reader.table_map[event.table_id]
-        plan = self.plans.get(event.table_id)
+        return self.plan_for(event.table_id, ref)
+
+    def plan_for(self, table_id: int, ref: TableRef) -> _Plan:
+        table = self.reader.table_map[table_id]
+        plan = self.plans.get(table_id)
         if plan is None or plan.ref != ref or plan.ncols != len(table.columns):
             needs_info = self.info.mariadb or not self.info.metadata_full
             info = self.columns_info(ref) if needs_info else None
             plan = build_plan(
                 ref, table.columns, info, self.info.metadata_full, self.source._warn_decode
             )
-            self.plans[event.table_id] = plan
+            self.plans[table_id] = plan
         if plan.table is not table:
             # The library built a new table object (first use, or after an invalidation):
             # our decoding overrides live on its column objects.
             plan.apply_patches(table)
         return plan
+
+    def decoder_for(self, table_id: int, table: Any) -> TableDecoder | None:
+        """The fast decoder of a followed table's map (None: the library decodes its rows)."""
+        plan = self.plan_for(table_id, TableRef(table.schema, table.table))
+        return compile_table(plan.table.columns, plan.converters, plan.set_columns)
 
 
 class MySQLSource:
@@ -1482,6 +1496,9 @@ class MySQLSource:
         mariadb = session.info.mariadb
         reader = self._make_reader(session, cursor)
         session.reader = reader
+        packets = session.packets = PacketEvents(reader, self._table_keys, session.decoder_for)
+        events = packets.events()
+        plans = session.plans
         chunk_rows = max(1, opts.chunk_rows)
         table_keys = self._table_keys
         target = _master_status(session.meta, mariadb)
@@ -1513,12 +1530,12 @@ class MySQLSource:
 
         while True:
             try:
-                event = reader.fetchone()
+                event = next(events, None)
             except (CacheWorkerError, _ConnectionLost, pymysql.err.MySQLError, OSError):
                 raise
             except Exception as exc:
                 raise SourceError(
-                    f"could not decode the binlog near {read_file}:{reader.log_pos}: "
+                    f"could not decode the binlog near {read_file}:{packets.log_pos}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             if event is None or self._closing.is_set():
@@ -1526,6 +1543,15 @@ class MySQLSource:
             cls = type(event)
             if cls is not HeartbeatLogEvent:
                 previous_beat = None
+            if cls is FastRows:
+                if tx is None:
+                    tx = _OpenTx(cursor.version, explicit=True)
+                for change in _fast_changes(event, plans[event.table_id].ref, tx.version):
+                    if len(tx.changes) >= chunk_rows:
+                        yield Transaction(tx.changes, None, None)
+                        tx.changes = []
+                    tx.changes.append(change)
+                continue
             op = _ROWS_EVENTS.get(cls)
             if op is not None:
                 if (event.schema, event.table) not in table_keys:
@@ -1539,7 +1565,7 @@ class MySQLSource:
                     tx.changes.append(change)
                 continue
             packet = event.packet
-            if cls is XidEvent or cls is XAPrepareEvent:
+            if cls is FastXid or cls is XidEvent or cls is XAPrepareEvent:
                 if cls is XAPrepareEvent and tx is not None and tx.changes:
                     self._warn_once(
                         "xa",
@@ -1553,7 +1579,7 @@ class MySQLSource:
                     pending = False
                 else:
                     pending = True
-            elif cls is MariadbGtidEvent or cls is GtidEvent:
+            elif cls is FastMariaGtid or cls is MariadbGtidEvent or cls is GtidEvent:
                 if tx is not None and tx.changes:
                     # A group that never committed in the log (e.g. XA); it ends where this
                     # one starts, which is a boundary.
@@ -1561,7 +1587,7 @@ class MySQLSource:
                     boundary(packet.log_pos - packet.event_size)
                     yield Transaction(tx.changes, cursor.position(), float(event.timestamp))
                 start = read_base + packet.log_pos - packet.event_size
-                if cls is MariadbGtidEvent:
+                if cls is not GtidEvent:
                     tx = _OpenTx(
                         start,
                         explicit=not (event.flags & _MARIADB_FL_STANDALONE),
@@ -1621,6 +1647,11 @@ class MySQLSource:
                     # in between (idle, whatever coordinates it reports): caught up.
                     idle, previous_beat = previous_beat == beat, beat
                     if beat >= end or idle:
+                        if beat >= end and beat_base == read_base and beat > cursor.version:
+                            # Everything up to the dump's position was read and no transaction
+                            # is open: skip the trailing events that belong to none (MariaDB's
+                            # binlog checkpoints), so the checkpoint reaches the end of the log.
+                            boundary(packet.log_pos)
                         yield Heartbeat(cursor.position(), caught_up=True)
                         pending = False
                         last_beat = time.monotonic()
@@ -1697,6 +1728,14 @@ class MySQLSource:
         else:
             ref = TableRef(str(default_schema), first)
         return ref if ref in self._tables else None
+
+
+def _fast_changes(event: FastRows, ref: TableRef, version: int) -> list[RowChange]:
+    etype = event.event_type
+    op = Op.UPDATE if etype in UPDATE_EVENTS else Op.DELETE
+    if etype in _INSERT_EVENTS:
+        op = Op.INSERT
+    return [RowChange(op, ref, before, after, version) for before, after in event.rows]
 
 
 _TRUNCATE_RE = re.compile(

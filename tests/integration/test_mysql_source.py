@@ -706,11 +706,23 @@ def test_connection_lost_mid_transaction_rereads_it_whole(
         """The first connection drops right before the big transaction's commit event."""
 
         def fetchone(self) -> Any:
+            # The source calls fetchone once to connect, then reads the packets itself.
             event = super().fetchone()
-            if len(readers) == 1 and readers[0] is self and type(event).__name__ == "XidEvent":
-                self.xids_seen = getattr(self, "xids_seen", 0) + 1
-                if self.xids_seen == 2:
-                    raise pymysql.err.OperationalError(2013, "Lost connection (injected)")
+            if len(readers) == 1 and readers[0] is self:
+                read_packet = self._stream_connection._read_packet
+                xids_seen = 0
+
+                def flaky_read(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal xids_seen
+                    packet = read_packet(*args, **kwargs)
+                    data = packet.get_all_data()
+                    if len(data) > 5 and data[0] == 0 and data[5] == 16:  # XID_EVENT
+                        xids_seen += 1
+                        if xids_seen == 2:
+                            raise pymysql.err.OperationalError(2013, "Lost connection (injected)")
+                    return packet
+
+                self._stream_connection._read_packet = flaky_read
             return event
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
