@@ -34,6 +34,7 @@ from connectors.mysql import (
     preflight,
 )
 from connectors.mysql_rows import MySQLRowReader
+from connectors.mysql_stream import PacketEvents
 from tests.services import MariaDBServer, start_local_mariadb
 from worker.errors import PositionLost, SourceMisconfigured
 from worker.events import Heartbeat, Op, Position, RowChange, SourceItem, TableRef, Transaction
@@ -703,32 +704,26 @@ def test_connection_lost_mid_transaction_rereads_it_whole(
     readers: list[Any] = []
 
     class FlakyReader(BinLogStreamReader):  # type: ignore[misc]
-        """The first connection drops right before the big transaction's commit event."""
-
-        def fetchone(self) -> Any:
-            # The source calls fetchone once to connect, then reads the packets itself.
-            event = super().fetchone()
-            if len(readers) == 1 and readers[0] is self:
-                read_packet = self._stream_connection._read_packet
-                xids_seen = 0
-
-                def flaky_read(*args: Any, **kwargs: Any) -> Any:
-                    nonlocal xids_seen
-                    packet = read_packet(*args, **kwargs)
-                    data = packet.get_all_data()
-                    if len(data) > 5 and data[0] == 0 and data[5] == 16:  # XID_EVENT
-                        xids_seen += 1
-                        if xids_seen == 2:
-                            raise pymysql.err.OperationalError(2013, "Lost connection (injected)")
-                    return packet
-
-                self._stream_connection._read_packet = flaky_read
-            return event
+        """Counts the connections the source makes."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             readers.append(self)
 
+    read_data = PacketEvents.read_data
+    xids_seen = 0
+
+    def flaky_read_data(self: PacketEvents) -> bytes:
+        """The first connection drops right before the big transaction's commit event."""
+        nonlocal xids_seen
+        data = read_data(self)
+        if len(readers) == 1 and len(data) > 5 and data[0] == 0 and data[5] == 16:  # XID
+            xids_seen += 1
+            if xids_seen == 2:
+                raise pymysql.err.OperationalError(2013, "Lost connection (injected)")
+        return data
+
+    monkeypatch.setattr(PacketEvents, "read_data", flaky_read_data)
     monkeypatch.setattr(module, "BinLogStreamReader", FlakyReader)
     _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)")
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")], chunk_rows=5))
