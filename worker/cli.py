@@ -152,6 +152,7 @@ def _run(
         progress_interval_s=settings.log.progress_interval,
         retry_max_backoff_s=settings.batch.retry_max_backoff,
         poison_retries=settings.batch.poison_retries,
+        checkpoint_interval_s=settings.checkpoint.interval,
         max_transactions=max_transactions,
         until_idle=until_idle,
     )

@@ -46,6 +46,10 @@ class RunOptions:
     retry_max_backoff_s: float = 30.0
     poison_retries: int = 3
     poison_backoff_s: float = 0.1
+    # While changes stream, the position is saved at most this often (and always when caught up
+    # and on the way out): a crash replays at most this much, which versioned writes make
+    # harmless, and a busy stream stops paying a durable write per batch. 0: every batch.
+    checkpoint_interval_s: float = 0.0
     stop_grace_s: float = 5.0
     max_transactions: int | None = None
     until_idle: bool = False
@@ -117,6 +121,9 @@ class Runner:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._saved: Position | None = None
+        self._saved_at = 0.0
+        # Applied but not yet saved (waiting for the checkpoint interval).
+        self._unsaved: Position | None = None
         self._pending: SourceItem | _SourceFailed | None = None
 
     # -- control ---------------------------------------------------------------------------
@@ -380,10 +387,16 @@ class Runner:
         if refused or batch.rule_failures:
             self._dead_letter(refused, batch.rule_failures)
         position = batch.position
-        if position is not None and (self._saved is None or self._saved < position):
-            self._retry("save_checkpoint", lambda: self.checkpoints.save(position))
-            self._saved = position
+        latest = self._unsaved or self._saved
+        if position is not None and (latest is None or latest < position):
+            # The source may release what Redis now has (a slot, outbox rows) right away; only
+            # our own checkpoint waits for its interval.
             self.source.ack(position)
+            self._unsaved = position
+        if batch.caught_up:
+            self._save_checkpoint()
+        else:
+            self._maybe_save_checkpoint()
         stats = self.stats
         stats.batches += 1
         stats.transactions += batch.transactions
@@ -400,6 +413,39 @@ class Runner:
             stats.caught_up = False
         if batch.caught_up:
             stats.caught_up = True
+
+    def _save_checkpoint(self) -> None:
+        position = self._unsaved
+        if position is None:
+            return
+        self._retry("save_checkpoint", lambda: self.checkpoints.save(position))
+        self._saved, self._unsaved = position, None
+        self._saved_at = time.monotonic()
+
+    def _maybe_save_checkpoint(self) -> None:
+        if (
+            self._unsaved is not None
+            and time.monotonic() - self._saved_at >= self.options.checkpoint_interval_s
+        ):
+            self._save_checkpoint()
+
+    def _save_checkpoint_on_exit(self) -> None:
+        # Everything up to _unsaved is applied, so saving it is right even when the loop failed;
+        # one attempt only, as the stop grace period may already be used up.
+        position = self._unsaved
+        if position is None:
+            return
+        try:
+            self.checkpoints.save(position)
+        except Exception as exc:
+            log.warning(
+                "checkpoint_not_saved_on_exit",
+                position=self._describe(position),
+                error_class=type(exc).__name__,
+                error=str(exc),
+            )
+            return
+        self._saved, self._unsaved = position, None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -425,6 +471,7 @@ class Runner:
                     self._apply(batch)
                 else:
                     self.stats.caught_up = self.stats.caught_up or batch.caught_up
+                self._maybe_save_checkpoint()
                 progress.maybe_report()
                 if batch.failure is not None:
                     raise batch.failure
@@ -432,6 +479,7 @@ class Runner:
                     log.info("burst_complete", transactions=self.stats.transactions)
                     break
         finally:
+            self._save_checkpoint_on_exit()
             self._stop_source()
             progress.report(final=True)
         return self.stats

@@ -175,6 +175,7 @@ class CheckpointSettings(_Section):
     store: Literal["redis", "file"] = "redis"
     key: str | None = None
     path: Path | None = None
+    interval: Duration = 1.0
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> CheckpointSettings:

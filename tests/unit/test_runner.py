@@ -155,3 +155,49 @@ def test_request_stop_finishes_batch_and_returns():
     thread.join(timeout=5)
     assert not thread.is_alive()
     assert source._closed.is_set()
+
+
+def test_checkpoint_interval_saves_seldom_while_streaming_but_acks_every_batch():
+    # One transaction per batch, so every transaction is its own apply and its own ack.
+    items = [tx(v, ins(v)) for v in range(1, 21)]
+    source, sink, store, runner = make(
+        items, until_idle=True, checkpoint_interval_s=3600, batch_max_transactions=1
+    )
+    runner.run()
+    assert len(sink.values) == 20
+    assert [p.version for p in source.acked] == list(range(1, 21))
+    # The initial position, the first batch (the interval starts at zero), then the last
+    # position once (caught up, or on the way out): never once per batch.
+    versions = [p.version for p in store.saves]
+    assert versions[-1] == 20
+    assert len(versions) <= 4, versions
+    assert store.position.version == 20
+
+
+def test_checkpoint_interval_zero_saves_after_every_batch():
+    items = [tx(v, ins(v)) for v in range(1, 6)]
+    _source, _sink, store, runner = make(items, until_idle=True, batch_max_transactions=1)
+    runner.run()
+    assert [p.version for p in store.saves][-5:] == [1, 2, 3, 4, 5]
+
+
+def test_unsaved_position_is_saved_when_the_loop_fails():
+    # Applied but inside the interval when the source fails: the exit saves it, since Redis
+    # has every change up to it, and never a position past what was applied.
+    class FailingSource(MemorySource):
+        def stream(self, start):
+            yield tx(10, ins(1))
+            yield tx(20, ins(2))
+            raise PositionLost("binlog purged")
+
+    source = FailingSource([], COLUMNS)
+    sink, store = MemorySink(), MemoryCheckpointStore()
+    options = RunOptions(
+        batch_max_delay_s=0.001, batch_max_transactions=1, checkpoint_interval_s=3600
+    )
+    runner = Runner(source, sink, store, rules(), options)
+    with pytest.raises(PositionLost):
+        runner.run()
+    assert set(sink.values) == {"user:1", "user:2"}
+    assert store.position.version == 20
+    assert [p.version for p in store.saves][-1] == 20
