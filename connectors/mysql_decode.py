@@ -201,6 +201,9 @@ def _datetime2(fsp: int) -> Reader:
     def read(data: bytes, pos: int) -> tuple[Any, int]:
         packed = int.from_bytes(data[pos : pos + 5], "big")
         year_month = (packed >> 22) & 0x1FFFF
+        micro = micros(data, pos + 5) if frac_size else 0
+        if micro > 999999:
+            raise ValueError(f"microsecond {micro} out of range")  # as datetime.replace would
         try:
             value = dt.datetime(
                 year_month // 13,
@@ -209,13 +212,10 @@ def _datetime2(fsp: int) -> Reader:
                 (packed >> 12) & 0x1F,
                 (packed >> 6) & 0x3F,
                 packed & 0x3F,
+                micro if micro > 0 else 0,
             )
         except ValueError:
             return None, pos + 5 + frac_size
-        if frac_size:
-            micro = micros(data, pos + 5)
-            if micro > 0:
-                value = value.replace(microsecond=micro)
         return value, pos + 5 + frac_size
 
     return read
