@@ -51,7 +51,7 @@ from worker.errors import (
 )
 from worker.events import Position
 from worker.interfaces import CheckResult
-from worker.keys import lease_key, version_key
+from worker.keys import companion_keys
 from worker.redact import redact, redact_url, url_secrets
 
 log = structlog.get_logger(__name__)
@@ -358,21 +358,22 @@ def _commands(actions: Sequence[CacheAction]) -> tuple[list[tuple[Any, ...]], in
     refreshes = 0
     for action in actions:
         key = action.key
+        version, lease = companion_keys(key)
         if type(action) is Refresh:
             refreshes += 1
             value = action.value
             if isinstance(value, str):
                 append(
-                    (_EVALSHA, sha, 3, key, version_key(key), lease_key(key),
+                    (_EVALSHA, sha, 3, key, version, lease,
                      action.version, action.ttl_ms, _JSON, value)
                 )  # fmt: skip
             else:
                 append(
-                    (_EVALSHA, sha, 3, key, version_key(key), lease_key(key),
+                    (_EVALSHA, sha, 3, key, version, lease,
                      action.version, action.ttl_ms, _HASH, *chain.from_iterable(value))
                 )  # fmt: skip
         else:
-            append((_DEL, key, version_key(key), lease_key(key)))
+            append((_DEL, key, version, lease))
     return commands, refreshes
 
 

@@ -74,6 +74,12 @@ def encode_json(row: Mapping[str, Any]) -> str:
 
 def scalar_text(value: Any) -> str:
     """A single non-NULL value as text, for hash fields and key parts."""
+    kind = type(value)
+    # The two kinds almost every key and hash field is made of, before the general dispatch.
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
     if isinstance(value, str):
         return value
     if isinstance(value, bool):

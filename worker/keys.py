@@ -41,6 +41,12 @@ def version_key(key: str) -> str:
     return _slot_anchor(key) + VERSION_SUFFIX
 
 
+def companion_keys(key: str) -> tuple[str, str]:
+    """``(version_key(key), lease_key(key))``, working out the slot anchor once."""
+    anchor = _slot_anchor(key)
+    return anchor + VERSION_SUFFIX, anchor + LEASE_SUFFIX
+
+
 def lease_key(key: str) -> str:
     """Where a web-tier reader's fill lease for ``key`` is stored."""
     return _slot_anchor(key) + LEASE_SUFFIX

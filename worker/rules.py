@@ -87,6 +87,11 @@ class KeyTemplate:
 
     def render(self, row: Row) -> str | None:
         """The key for ``row``, or None when a key column is NULL or absent, or the key is empty."""
+        if len(self.columns) == 1:
+            value = row.get(self.columns[0])
+            if value is None or value is UNCHANGED:
+                return None
+            return self._format.format(scalar_text(value)) or None
         parts = []
         for name in self.columns:
             value = row.get(name)

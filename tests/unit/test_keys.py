@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot as redis_py_key_slot
 
-from worker.keys import LEASE_SUFFIX, VERSION_SUFFIX, hash_tag, key_slot, lease_key, version_key
+from worker.keys import (
+    LEASE_SUFFIX,
+    VERSION_SUFFIX,
+    companion_keys,
+    hash_tag,
+    key_slot,
+    lease_key,
+    version_key,
+)
 
 SAME_SLOT_KEYS = [
     pytest.param("user:42", id="plain"),
@@ -83,3 +91,8 @@ def test_hash_tag() -> None:
     assert hash_tag("x{}b{c}") is None
     assert hash_tag("x{b") is None
     assert hash_tag("plain") is None
+
+
+@pytest.mark.parametrize("key", ["user:1", "{user:1}:profile", "a}b", "{}x", "é:{ü}"])
+def test_companion_keys_are_the_version_and_lease_keys(key: str) -> None:
+    assert companion_keys(key) == (version_key(key), lease_key(key))
