@@ -319,63 +319,6 @@ def _bit(bits: int, size: int) -> Reader:
     return read
 
 
-def _reader(column: Any) -> Reader | None:
-    """The reader for one library column definition, or None for a type we leave to the library."""
-    ctype = column.type
-    unsigned = bool(column.unsigned)
-    if ctype == FIELD_TYPE.TINY:
-        return _fixed(_U8 if unsigned else _I8, 1)
-    if ctype == FIELD_TYPE.SHORT:
-        return _fixed(_U16 if unsigned else _I16, 2)
-    if ctype == FIELD_TYPE.INT24:
-        return _int24(not unsigned)
-    if ctype == FIELD_TYPE.LONG:
-        return _fixed(_U32 if unsigned else _I32, 4)
-    if ctype == FIELD_TYPE.LONGLONG:
-        return _fixed(_U64 if unsigned else _I64, 8)
-    if ctype == FIELD_TYPE.FLOAT:
-        return _fixed(_F32, 4)
-    if ctype == FIELD_TYPE.DOUBLE:
-        return _fixed(_F64, 8)
-    if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
-        if column.character_set_name != "latin-1":
-            return None  # the plan did not take over this column's text decoding
-        return _string(2 if column.max_length > 255 else 1)
-    if ctype == FIELD_TYPE.BLOB:
-        if column.character_set_name != "latin-1":
-            return None
-        return _string(column.length_size)
-    if ctype == FIELD_TYPE.NEWDECIMAL:
-        return _new_decimal(column.precision, column.decimals)
-    if ctype == FIELD_TYPE.DATETIME2:
-        return _datetime2(column.fsp)
-    if ctype == FIELD_TYPE.TIMESTAMP2:
-        return _timestamp2(column.fsp)
-    if ctype == FIELD_TYPE.TIME2:
-        return _time2(column.fsp)
-    if ctype == FIELD_TYPE.DATE:
-        return _date
-    if ctype == FIELD_TYPE.DATETIME:
-        return _datetime
-    if ctype == FIELD_TYPE.TIME:
-        return _time
-    if ctype == FIELD_TYPE.TIMESTAMP:
-        return _timestamp
-    if ctype == FIELD_TYPE.YEAR:
-        return _year
-    if ctype == FIELD_TYPE.ENUM:
-        return _enum(column.size, column.enum_values)
-    if ctype == FIELD_TYPE.SET:
-        return _set(column.size, column.set_values)
-    if ctype == FIELD_TYPE.BIT:
-        return _bit(column.bits, column.bytes)
-    if ctype == FIELD_TYPE.JSON:
-        return _json(column.length_size)
-    if ctype == FIELD_TYPE.GEOMETRY:
-        return _raw(column.length_size)
-    return None
-
-
 _FIXED_WIDTH: dict[int, tuple[int, Callable[[bytes, int], tuple[Any, ...]], Any]] = {
     FIELD_TYPE.TINY: (1, _I8, _U8),
     FIELD_TYPE.SHORT: (2, _I16, _U16),
@@ -384,6 +327,54 @@ _FIXED_WIDTH: dict[int, tuple[int, Callable[[bytes, int], tuple[Any, ...]], Any]
     FIELD_TYPE.FLOAT: (4, _F32, _F32),
     FIELD_TYPE.DOUBLE: (8, _F64, _F64),
 }
+_PLAIN: dict[int, Reader] = {
+    FIELD_TYPE.DATE: _date,
+    FIELD_TYPE.DATETIME: _datetime,
+    FIELD_TYPE.TIME: _time,
+    FIELD_TYPE.TIMESTAMP: _timestamp,
+    FIELD_TYPE.YEAR: _year,
+}
+_WITH_FSP: dict[int, Callable[[int], Reader]] = {
+    FIELD_TYPE.DATETIME2: _datetime2,
+    FIELD_TYPE.TIMESTAMP2: _timestamp2,
+    FIELD_TYPE.TIME2: _time2,
+}
+_LENGTH_PREFIXED: dict[int, Callable[[int], Reader]] = {
+    FIELD_TYPE.JSON: _json,
+    FIELD_TYPE.GEOMETRY: _raw,
+}
+
+
+def _reader(column: Any) -> Reader | None:
+    """The reader for one library column definition, or None for a type we leave to the library."""
+    ctype = column.type
+    fixed = _FIXED_WIDTH.get(ctype)
+    if fixed is not None:
+        size, signed, unsigned = fixed
+        return _fixed(unsigned if column.unsigned else signed, size)
+    if ctype in _PLAIN:
+        return _PLAIN[ctype]
+    if ctype in _WITH_FSP:
+        return _WITH_FSP[ctype](column.fsp)
+    if ctype in _LENGTH_PREFIXED:
+        return _LENGTH_PREFIXED[ctype](column.length_size)
+    if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING, FIELD_TYPE.BLOB):
+        if column.character_set_name != "latin-1":
+            return None  # the plan did not take over this column's text decoding
+        if ctype == FIELD_TYPE.BLOB:
+            return _string(column.length_size)
+        return _string(2 if column.max_length > 255 else 1)
+    if ctype == FIELD_TYPE.INT24:
+        return _int24(not column.unsigned)
+    if ctype == FIELD_TYPE.NEWDECIMAL:
+        return _new_decimal(column.precision, column.decimals)
+    if ctype == FIELD_TYPE.ENUM:
+        return _enum(column.size, column.enum_values)
+    if ctype == FIELD_TYPE.SET:
+        return _set(column.size, column.set_values)
+    if ctype == FIELD_TYPE.BIT:
+        return _bit(column.bits, column.bytes)
+    return None
 
 
 def _column_source(index: int, column: Any, namespace: dict[str, Any]) -> list[str]:

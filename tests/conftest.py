@@ -12,8 +12,9 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import pymysql
 import pytest
 import redis
 
@@ -96,6 +97,16 @@ def mysql_db(mariadb: MariaDBServer, request: pytest.FixtureRequest) -> Iterator
         if mariadb.is_local:
             mariadb.start()
         mariadb.admin_sql(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+def mysql_conn(mariadb: MariaDBServer, mysql_db: str) -> Iterator[pymysql.Connection[Any]]:
+    """An admin connection to ``mysql_db`` (autocommit, as the server's admin_sql uses)."""
+    connection = mariadb.connect(mysql_db)
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -10,7 +10,6 @@ every row. The two must give identical changes, and the fast run must really hav
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pymysql
@@ -19,7 +18,13 @@ import pytest
 import connectors.mysql as mysql_module
 from connectors import mysql_decode
 from connectors.mysql import MySQLSource
-from tests.integration.test_mysql_source import _end, _options, _sql, _Streamer, _transactions
+from tests.integration.test_mysql_source import (
+    _end,
+    _options,
+    _sql,
+    _Streamer,
+    _transactions,
+)
 from tests.services import MariaDBServer
 from worker.events import Position, RowChange, TableRef
 
@@ -178,15 +183,6 @@ def uuid_text(rng: random.Random) -> str:
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
-@pytest.fixture
-def conn(mariadb: MariaDBServer, mysql_db: str) -> Iterator[pymysql.Connection[Any]]:
-    connection = mariadb.connect(mysql_db)
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
 def _stream(source: MySQLSource, start: Position, end: Position) -> list[RowChange]:
     with _Streamer(source, start) as streamer:
         txs = _transactions(streamer.through(end, timeout=120))
@@ -196,11 +192,11 @@ def _stream(source: MySQLSource, start: Position, end: Position) -> list[RowChan
 def test_fast_decoder_equals_the_library_on_every_column_type(
     mariadb: MariaDBServer,
     mysql_db: str,
-    conn: pymysql.Connection[Any],
+    mysql_conn: pymysql.Connection[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _sql(
-        conn,
+        mysql_conn,
         "SET SESSION time_zone = '+00:00', SESSION sql_mode = ''",
         f"CREATE TABLE t ({COLUMNS}) DEFAULT CHARSET=utf8mb4",
     )
@@ -218,7 +214,7 @@ def test_fast_decoder_equals_the_library_on_every_column_type(
         "DELETE FROM t WHERE id % 7 = 0",
         "DELETE FROM t WHERE id < 4",
     ]
-    _sql(conn, "SET SESSION time_zone = '+00:00', SESSION sql_mode = ''", *statements)
+    _sql(mysql_conn, "SET SESSION time_zone = '+00:00', SESSION sql_mode = ''", *statements)
     end = _end(mariadb)
 
     decoded: list[int] = []

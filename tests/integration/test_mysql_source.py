@@ -166,15 +166,6 @@ def _rows(tx: Transaction) -> list[tuple[Op, Any, Any]]:
     return [(c.op, c.before, c.after) for c in tx.changes]
 
 
-@pytest.fixture
-def conn(mariadb: MariaDBServer, mysql_db: str) -> Iterator[pymysql.Connection[Any]]:
-    connection = mariadb.connect(mysql_db)
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
 def _sql(connection: pymysql.Connection[Any], *statements: str) -> None:
     with connection.cursor() as cur:
         for statement in statements:
@@ -195,10 +186,10 @@ def other_db(mariadb: MariaDBServer) -> Iterator[str]:
 
 
 def test_changes_grouped_per_transaction_in_order(
-    mariadb: MariaDBServer, mysql_db: str, other_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, other_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
     _sql(
-        conn,
+        mysql_conn,
         "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
         "CREATE TABLE o (id INT PRIMARY KEY)",
         f"CREATE TABLE `{other_db}`.t (id INT PRIMARY KEY)",
@@ -209,7 +200,7 @@ def test_changes_grouped_per_transaction_in_order(
     source = MySQLSource(_options(mariadb, tables))
     start = source.initial_position()
     _sql(
-        conn,
+        mysql_conn,
         "INSERT INTO t VALUES (1, 'a')",
         "BEGIN",
         "INSERT INTO t VALUES (2, 'b')",
@@ -253,14 +244,14 @@ def test_changes_grouped_per_transaction_in_order(
 
 
 def test_large_transaction_is_chunked(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)")
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")], chunk_rows=10))
     start = source.initial_position()
     values = ", ".join(f"({i})" for i in range(25))
     _sql(
-        conn,
+        mysql_conn,
         "BEGIN",
         f"INSERT INTO t VALUES {values}",
         "INSERT INTO t VALUES (100), (101)",
@@ -278,14 +269,14 @@ def test_large_transaction_is_chunked(
 
 
 def test_start_end_skips_earlier_writes_and_beginning_sees_them(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)", "INSERT INTO t VALUES (1)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)", "INSERT INTO t VALUES (1)")
     tables = [TableRef(mysql_db, "t")]
     at_end = MySQLSource(_options(mariadb, tables, start="end"))
     start = at_end.initial_position()
     assert start.coords["gtid"]  # MariaDB always has GTIDs
-    _sql(conn, "INSERT INTO t VALUES (2)")
+    _sql(mysql_conn, "INSERT INTO t VALUES (2)")
     end = _end(mariadb)
     with _Streamer(at_end, start) as streamer:
         txs = _transactions(streamer.through(end))
@@ -303,17 +294,17 @@ def test_start_end_skips_earlier_writes_and_beginning_sees_them(
 
 @pytest.mark.parametrize("resume", ["file", "gtid"])
 def test_resume_from_every_position_across_rotation(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any], resume: str
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any], resume: str
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)", "CREATE TABLE o (id INT PRIMARY KEY)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)", "CREATE TABLE o (id INT PRIMARY KEY)")
     tables = [TableRef(mysql_db, "t")]
     first = MySQLSource(_options(mariadb, tables, resume=resume))
     start = first.initial_position()
     for i in range(1, 4):
-        _sql(conn, f"INSERT INTO t VALUES ({i})", f"INSERT INTO o VALUES ({i})")
+        _sql(mysql_conn, f"INSERT INTO t VALUES ({i})", f"INSERT INTO o VALUES ({i})")
     mariadb.admin_sql("FLUSH BINARY LOGS")
     for i in range(4, 7):
-        _sql(conn, f"INSERT INTO o VALUES ({i})", f"INSERT INTO t VALUES ({i})")
+        _sql(mysql_conn, f"INSERT INTO o VALUES ({i})", f"INSERT INTO t VALUES ({i})")
     end = _end(mariadb)
     with _Streamer(first, start) as streamer:
         txs = _transactions(streamer.through(end))
@@ -350,9 +341,9 @@ def test_caught_up_heartbeat_when_idle(mariadb: MariaDBServer, mysql_db: str) ->
 
 
 def test_irrelevant_transactions_move_the_position_with_heartbeats(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)", "CREATE TABLE o (id INT PRIMARY KEY)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)", "CREATE TABLE o (id INT PRIMARY KEY)")
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")]))
     start = source.initial_position()
     with _Streamer(source, start) as streamer:
@@ -361,7 +352,7 @@ def test_irrelevant_transactions_move_the_position_with_heartbeats(
         i = 0
         while time.monotonic() < stop:
             i += 1
-            _sql(conn, f"INSERT INTO o VALUES ({i})")
+            _sql(mysql_conn, f"INSERT INTO o VALUES ({i})")
         end = _end(mariadb)
         items = streamer.through(end)
     assert not _transactions(items)
@@ -372,10 +363,10 @@ def test_irrelevant_transactions_move_the_position_with_heartbeats(
 
 
 def test_value_normalisation_matrix(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
     _sql(
-        conn,
+        mysql_conn,
         "SET SESSION time_zone = '+00:00', SESSION sql_mode = ''",
         """CREATE TABLE t (
             id INT PRIMARY KEY,
@@ -390,7 +381,7 @@ def test_value_normalisation_matrix(
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")]))
     start = source.initial_position()
     _sql(
-        conn,
+        mysql_conn,
         """INSERT INTO t VALUES (
             1, -5, 18446744073709551615, '-12345678901234.123456', 3.14, 2.718281828459045,
             '2024-02-29', '-838:59:59', '12:34:56.500001', '2024-01-02 03:04:05.123456',
@@ -448,14 +439,14 @@ def test_value_normalisation_matrix(
 
 
 def test_uuid_and_inet6_arrive_as_their_select_text(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
     # Both types are BINARY(16) to the binlog; the cache must hold what SELECT (and verify) show.
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY, u UUID, ip INET6)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY, u UUID, ip INET6)")
     t = TableRef(mysql_db, "t")
     source = MySQLSource(_options(mariadb, [t]))
     start = source.initial_position()
-    with conn.cursor() as cur:
+    with mysql_conn.cursor() as cur:
         cur.execute("SELECT UUID()")
         row = cur.fetchone()
     assert row is not None
@@ -479,7 +470,7 @@ def test_uuid_and_inet6_arrive_as_their_select_text(
         "fe80::1:0:0:2",
         "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
     ]
-    with conn.cursor() as cur:
+    with mysql_conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO t VALUES (%s, %s, %s)",
             [(i, u, ip) for i, (u, ip) in enumerate(zip(uuids, addresses, strict=True))],
@@ -506,13 +497,13 @@ def test_uuid_and_inet6_arrive_as_their_select_text(
 
 
 def test_ddl_between_changes_keeps_columns_right(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(5))")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(5))")
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")]))
     start = source.initial_position()
     _sql(
-        conn,
+        mysql_conn,
         "INSERT INTO t VALUES (1, 'x')",
         "ALTER TABLE t ADD COLUMN b VARBINARY(4) AFTER id",
         "INSERT INTO t VALUES (2, X'FF', 'y')",
@@ -534,10 +525,10 @@ def test_ddl_between_changes_keeps_columns_right(
 
 
 def test_without_row_metadata_names_come_from_information_schema(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any]
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
 ) -> None:
     _sql(
-        conn,
+        mysql_conn,
         "CREATE TABLE t (id INT UNSIGNED PRIMARY KEY, en ENUM('x','y'), st SET('p','q'), "
         "bl BLOB, l1 VARCHAR(5) CHARACTER SET latin1, js JSON)",
     )
@@ -673,14 +664,14 @@ def test_select_only_user_lacks_replication_privileges(
 
 @pytest.mark.parametrize("resume", ["file", "gtid"])
 def test_purged_binlog_raises_position_lost(
-    mariadb: MariaDBServer, mysql_db: str, conn: pymysql.Connection[Any], resume: str
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any], resume: str
 ) -> None:
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)")
     tables = [TableRef(mysql_db, "t")]
     source = MySQLSource(_options(mariadb, tables, resume=resume))
-    _sql(conn, "INSERT INTO t VALUES (1)")
+    _sql(mysql_conn, "INSERT INTO t VALUES (1)")
     checkpoint = source.initial_position()
-    _sql(conn, "INSERT INTO t VALUES (2)")
+    _sql(mysql_conn, "INSERT INTO t VALUES (2)")
     assert source.position_available(checkpoint).ok
     mariadb.admin_sql("FLUSH BINARY LOGS")
     current = str(mariadb.admin_sql("SHOW MASTER STATUS")[0][0])
@@ -696,7 +687,7 @@ def test_purged_binlog_raises_position_lost(
 def test_connection_lost_mid_transaction_rereads_it_whole(
     mariadb: MariaDBServer,
     mysql_db: str,
-    conn: pymysql.Connection[Any],
+    mysql_conn: pymysql.Connection[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import connectors.mysql as module
@@ -725,11 +716,11 @@ def test_connection_lost_mid_transaction_rereads_it_whole(
 
     monkeypatch.setattr(PacketEvents, "read_data", flaky_read_data)
     monkeypatch.setattr(module, "BinLogStreamReader", FlakyReader)
-    _sql(conn, "CREATE TABLE t (id INT PRIMARY KEY)")
+    _sql(mysql_conn, "CREATE TABLE t (id INT PRIMARY KEY)")
     source = MySQLSource(_options(mariadb, [TableRef(mysql_db, "t")], chunk_rows=5))
     start = source.initial_position()
     _sql(
-        conn,
+        mysql_conn,
         "INSERT INTO t VALUES (1)",
         "BEGIN",
         "INSERT INTO t VALUES (10), (11), (12), (13)",
