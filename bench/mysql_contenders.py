@@ -36,6 +36,8 @@ LAG_DDL = f"CREATE TABLE {LAG_TABLE} (id INT PRIMARY KEY, committed_at DATETIME(
 LOAD_BATCH_ROWS = 2000
 TX_PER_BATCH = 200
 WORKER_SERVER_ID = 9100
+# A stock reader that has not finished by then is stuck, not slow.
+READ_TIMEOUT_S = 900.0
 
 Cursor = Any  # a pymysql cursor; pymysql's stubs make the generic type awkward to spell
 
@@ -156,6 +158,7 @@ def _stream_rows(
     max_rows: int | None = None,
 ) -> tuple[int, float]:
     started = time.perf_counter()
+    deadline = time.monotonic() + READ_TIMEOUT_S
     stream = _reader(mariadb, rng, server_id)
     count = 0
     limit = max_rows if max_rows is not None else float("inf")
@@ -168,6 +171,8 @@ def _stream_rows(
             # just keeps the loop honest if something ever does.
             if _past_end(stream, rng) or count >= limit:
                 break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reading the binlog took more than {READ_TIMEOUT_S:.0f}s")
     finally:
         stream.close()
     return count, time.perf_counter() - started

@@ -1,22 +1,26 @@
-"""The Postgres write-cost test: pgbench single-row UPDATE tps under three trigger variants.
+"""The Postgres write-cost test: pgbench single-row UPDATE tps under several trigger variants.
 
 A database of its own is initialised with ``pgbench -i`` (scale 1: 100k accounts); each run is
 a custom script of one ``UPDATE pgbench_accounts ... WHERE aid = random`` per transaction, with
 a few clients for a few seconds: first with no trigger, then with the notify source's triggers
 exactly as ``cache-worker setup`` installs them today (so it measures whatever the trigger code
-currently is), then with a naive row-level ``pg_notify`` trigger. After the run with our
-triggers, their outbox holds every UPDATE of that run, written at pgbench's fastest rate with
-the triggers; a postgres-notify worker then drains it, which says whether the worker keeps up
-with that rate. ``parse_pgbench`` is the pure part, for the unit tests.
+currently is), then with a naive row-level ``pg_notify`` trigger, with nobody listening and
+with one session draining the notifications (every commit then also signals the listener).
+After the run with our triggers, their outbox holds every UPDATE of that run, written at
+pgbench's fastest rate with the triggers; a postgres-notify worker then drains it, which says
+whether the worker keeps up with that rate. ``parse_pgbench`` is the pure part, for the tests.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
 
 from bench.postgres_contenders import pg_tool, tool_env
 from bench.report import PgbenchResult, Report
@@ -30,10 +34,11 @@ SCRIPT = (
     f"\\set aid random(1, {ACCOUNTS_PER_SCALE})\n"
     "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
 )
+NAIVE_CHANNEL = "bench_naive"
 NAIVE_SQL = [
     "CREATE OR REPLACE FUNCTION bench_naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$\n"
     "BEGIN\n"
-    "  PERFORM pg_notify('bench_naive', json_build_object(\n"
+    f"  PERFORM pg_notify('{NAIVE_CHANNEL}', json_build_object(\n"
     "    'table', TG_TABLE_NAME, 'op', TG_OP, 'aid', NEW.aid)::text);\n"
     "  RETURN NULL;\n"
     "END $$",
@@ -167,5 +172,39 @@ def run(
     _sql(pg, NAIVE_SQL)
     try:
         measure("naive per-row pg_notify trigger", "naive", "; nobody listening")
+        # A naive trigger has a consumer in real life: then every commit also signals the
+        # listening backend, which reads the queue.
+        with _Listener(pg, NAIVE_CHANNEL) as listener:
+            measure(
+                "naive per-row pg_notify trigger, one LISTEN session",
+                "naive-listen",
+                "; a LISTEN session drains the notifications",
+            )
+        log(f"  the listener received {listener.received} notifications")
     finally:
         _sql(pg, NAIVE_DROP_SQL)
+
+
+class _Listener:
+    """A session that LISTENs on ``channel`` and drains notifications in a thread."""
+
+    def __init__(self, pg: PostgresServer, channel: str) -> None:
+        self._conn = psycopg.connect(pg.dsn(DATABASE), autocommit=True, connect_timeout=10)
+        self._conn.execute(f"LISTEN {channel}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="bench-listener", daemon=True)
+        self.received = 0
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            for _ in self._conn.notifies(timeout=0.2):
+                self.received += 1
+
+    def __enter__(self) -> _Listener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.close()

@@ -378,6 +378,7 @@ def outbox_read(
     max_rows: int | None,
     label: str,
     kind: str,
+    timeout: float,
 ) -> Result:
     """Read the outbox in id order and parse its images; with ``client``, DEL per row.
 
@@ -392,8 +393,11 @@ def outbox_read(
     last = 0
     started = time.perf_counter()
     limit = max_rows if max_rows is not None else float("inf")
+    deadline = time.monotonic() + timeout
     with pg.connect() as conn:
         while rows < limit:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reading the outbox took more than {timeout:.0f}s")
             batch = conn.execute(select, (last, OUTBOX_READ_BATCH)).fetchall()
             if not batch:
                 break
@@ -439,7 +443,15 @@ class NotifyBench(_SourceBench):
         _flush(self.redis_server)
         self.log("  outbox read-only ...")
         into.append(
-            outbox_read(self.pg, outbox, None, None, "outbox SELECT + JSON parse only", "parse")
+            outbox_read(
+                self.pg,
+                outbox,
+                None,
+                None,
+                "outbox SELECT + JSON parse only",
+                "parse",
+                self.timeout,
+            )
         )
         _flush(self.redis_server)
         self.log("  naive ...")
@@ -453,6 +465,7 @@ class NotifyBench(_SourceBench):
                     naive_rows,
                     "naive DEL per row (outbox SELECT)",
                     "naive",
+                    self.timeout,
                 )
             )
         finally:

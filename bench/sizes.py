@@ -54,7 +54,7 @@ FULL = Sizes(
     lag_seconds=30.0,
     backlog_changes=1_000_000,
     pgbench_seconds=10,
-    naive_rows=50_000,
+    naive_rows=30_000,
 )
 
 QUICK = Sizes(

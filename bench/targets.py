@@ -75,9 +75,10 @@ def _trigger_cost(report: Report) -> Target:
         return Target(name, goal, "", None)
     cost = 1 - ours.tps / base.tps
     measured = f"ours {cost:.0%}"
-    naive = by_kind.get("naive")
-    if naive is not None:
-        measured += f", naive {1 - naive.tps / base.tps:.0%}"
+    for kind, label in (("naive", "naive"), ("naive-listen", "naive with a listener")):
+        naive = by_kind.get(kind)
+        if naive is not None:
+            measured += f", {label} {1 - naive.tps / base.tps:.0%}"
     return Target(name, goal, measured, cost <= TRIGGER_COST_GOAL)
 
 
