@@ -90,7 +90,7 @@ class PgbenchResult:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One goal of issue 5 and whether this run met it (None: not measured in this run)."""
+    """One goal of issue 5 and whether this run met it (None: not measured, or not enough)."""
 
     name: str
     goal: str
@@ -196,7 +196,10 @@ def targets_table(targets: list[Target]) -> str:
         "|---|---|---|---|",
     ]
     for t in targets:
-        met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
+        if t.met is None:
+            met = "not judged" if t.measured else "not measured"
+        else:
+            met = "yes" if t.met else "**no**"
         lines.append(f"| {t.name} | {t.goal} | {t.measured} | {met} |")
     return "\n".join(lines)
 

@@ -59,12 +59,12 @@ FULL = Sizes(
 
 QUICK = Sizes(
     mode="quick",
-    table_rows=5_000,
-    small_changes=8_000,
+    table_rows=4_000,
+    small_changes=6_000,
     lag_rate=1000,
-    lag_seconds=3.0,
-    backlog_changes=25_000,
-    pgbench_seconds=3,
-    naive_rows=4_000,
+    lag_seconds=2.0,
+    backlog_changes=20_000,
+    pgbench_seconds=2,
+    naive_rows=3_000,
     worker_timeout_s=120.0,
 )

@@ -318,6 +318,12 @@ def test_targets_without_measurements_are_not_measured() -> None:
     assert all(t.met is None for t in targets.evaluate(Report()))
 
 
+def test_memory_target_needs_the_full_backlog() -> None:
+    report = Report(memory=[MemoryResult("mariadb", 20_000, 20_000, 1.0, 70.0)])
+    memory = next(t for t in targets.evaluate(report) if t.name.startswith("peak RSS"))
+    assert memory.met is None and memory.measured.startswith("70 MB (20,000-row backlog")
+
+
 def test_markdown_and_json_carry_every_part(tmp_path: Path) -> None:
     report = _report()
     report.targets = targets.evaluate(report)
