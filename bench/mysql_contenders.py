@@ -217,9 +217,8 @@ def source_settings(mariadb: MariaDBServer) -> dict[str, Any]:
 
 
 def _worker_run(
-    label: str, kind: str, config: Path, work: Path, timeout: float, expected_rows: int
+    label: str, kind: str, config: Path, log_path: Path, timeout: float, expected_rows: int
 ) -> Callable[[], Result]:
-    log_path = work / f"mariadb_{kind}.log"
     return lambda: run_until_idle(label, kind, config, log_path, timeout, expected_rows)
 
 
@@ -250,7 +249,8 @@ def run_contenders(
                 [rule(TABLE)],
                 checkpoint=make_position(rng.start_file, rng.start_pos, None),
             )
-            runs.append((label, _worker_run(label, kind, config, work, timeout, expected_rows)))
+            log_path = work / f"mariadb_{kind}.{rng.start_pos}.log"
+            runs.append((label, _worker_run(label, kind, config, log_path, timeout, expected_rows)))
         for label, run in runs:
             # Every contender starts from an empty cache so none benefits from another's keys.
             flush.flushdb()

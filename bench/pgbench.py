@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.postgres_contenders import pg_tool, tool_env
+from bench.postgres_common import pg_tool, tool_env
 from bench.report import PgbenchResult, Report
 from bench.worker_run import cli, run_until_idle, write_config
 from tests.services import PostgresServer, RedisServer
