@@ -95,6 +95,66 @@ return 1
 """
 REFRESH_SHA = hashlib.sha1(REFRESH_SCRIPT.encode()).hexdigest()
 
+# What the worker sends: REFRESH_SCRIPT's logic for up to _REFRESH_GROUP keys per call. Redis
+# spends more on starting a script than on the four commands inside it, so one call per key
+# made refresh rules cost twice what evict rules do. KEYS are three per key as above; ARGV are,
+# per key, version, ttl_ms, format, the number of payload values, then the payload. Each key is
+# applied under pcall, so one refused key (WRONGTYPE, say) is that key's error reply in the
+# returned array and the other keys still apply, as with separate calls.
+REFRESH_BATCH_SCRIPT = """\
+local function refresh(key, vkey, lkey, a, last)
+  redis.call('DEL', lkey)
+  local stored = tonumber(redis.call('GET', vkey))
+  if stored and stored > tonumber(ARGV[a]) then
+    return 0
+  end
+  local ttl = tonumber(ARGV[a + 1])
+  local format = ARGV[a + 2]
+  if format == 'json' then
+    if ttl > 0 then
+      redis.call('SET', key, ARGV[a + 4], 'PX', ttl)
+    else
+      redis.call('SET', key, ARGV[a + 4])
+    end
+  elseif format == 'hash' then
+    redis.call('DEL', key)
+    for i = a + 4, last, 1000 do
+      redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, last)))
+    end
+    if ttl > 0 then
+      redis.call('PEXPIRE', key, ttl)
+    end
+  else
+    return redis.error_reply('cache-worker: unknown refresh format ' .. format)
+  end
+  if ttl > 0 then
+    redis.call('SET', vkey, ARGV[a], 'PX', ttl)
+  else
+    redis.call('SET', vkey, ARGV[a])
+  end
+  return 1
+end
+local results = {}
+local a = 1
+for i = 1, #KEYS, 3 do
+  local last = a + 3 + tonumber(ARGV[a + 3])
+  local ok, result = pcall(refresh, KEYS[i], KEYS[i + 1], KEYS[i + 2], a, last)
+  if ok then
+    results[#results + 1] = result
+  elseif type(result) == 'table' then
+    results[#results + 1] = result
+  else
+    results[#results + 1] = redis.error_reply(tostring(result))
+  end
+  a = last + 1
+end
+return results
+"""
+REFRESH_BATCH_SHA = hashlib.sha1(REFRESH_BATCH_SCRIPT.encode()).hexdigest()
+# Refreshes per script call: enough to spread the call's cost, few enough that one call never
+# keeps Redis busy for long (a script blocks every other client while it runs).
+_REFRESH_GROUP = 64
+
 # Command names as bytes: the driver's packer splits str names on spaces for every command.
 _EVALSHA = b"EVALSHA"
 _DEL = b"DEL"
@@ -231,7 +291,11 @@ class RedisSink:
     def apply(self, actions: Sequence[CacheAction]) -> None:
         if not actions:
             return
-        commands, refreshes = _commands(actions)
+        if len(actions) > 1 and len({action.key for action in actions}) == len(actions):
+            # One action per key (the run loop coalesces), so order between keys is free:
+            # evicts first, then every refresh together, in as few script calls as possible.
+            actions = sorted(actions, key=_is_refresh)
+        commands, spans, refreshes = _commands(actions)
         if refreshes and not self._script_loaded:
             self._load_script()
         results = self._execute(commands)
@@ -242,14 +306,14 @@ class RedisSink:
             self._script_loaded = False
             self._load_script()
             results = self._execute(commands)
-        self._check(actions, commands, results)
+        self._check(actions, _per_action(spans, results))
 
     def _load_script(self) -> None:
         try:
-            sha = self._client.script_load(REFRESH_SCRIPT)
+            sha = self._client.script_load(REFRESH_BATCH_SCRIPT)
         except RedisError as exc:
             self._raise(exc, "loading the refresh script")
-        if sha != REFRESH_SHA:
+        if sha != REFRESH_BATCH_SHA:
             # Would mean the server hashes scripts differently; EVALSHA with our SHA would
             # fail forever, so stop here with a clear message.
             raise SinkError(f"redis {self._target} returned SHA {sha} for the refresh script")
@@ -275,17 +339,12 @@ class RedisSink:
         finally:
             pool.release(conn)
 
-    def _check(
-        self,
-        actions: Sequence[CacheAction],
-        commands: list[tuple[Any, ...]],
-        results: list[Any],
-    ) -> None:
+    def _check(self, actions: Sequence[CacheAction], results: list[Any]) -> None:
         stale = 0
         failed: list[tuple[CacheAction, Exception]] = []
-        for action, command, result in zip(actions, commands, results, strict=True):
+        for action, result in zip(actions, results, strict=True):
             if result == 0:
-                if command[0] is _EVALSHA:
+                if type(action) is Refresh:
                     stale += 1
             elif isinstance(result, Exception):
                 failed.append((action, result))
@@ -294,7 +353,7 @@ class RedisSink:
             return
         first_action, first = failed[0]
         message = (
-            f"redis {self._target} refused {len(failed)} of {len(commands)} cache actions; "
+            f"redis {self._target} refused {len(failed)} of {len(actions)} cache actions; "
             f"first: key {first_action.key!r}: {_error_text(self._client, first)}"
         )
         if any(_is_unavailable(exc) for _, exc in failed):
@@ -350,12 +409,46 @@ class RedisSink:
         self._client.close()
 
 
-def _commands(actions: Sequence[CacheAction]) -> tuple[list[tuple[Any, ...]], int]:
-    """One wire command per action, and how many of them are refreshes."""
+def _is_refresh(action: CacheAction) -> bool:
+    return type(action) is Refresh
+
+
+def _packable(value: str | tuple[tuple[str, str], ...]) -> bool:
+    """Whether hiredis can pack the payload (text with a lone surrogate cannot be UTF-8)."""
+    texts = (value,) if isinstance(value, str) else chain.from_iterable(value)
+    for text in texts:
+        if not isinstance(text, str):
+            return False
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                return False
+    return True
+
+
+def _commands(
+    actions: Sequence[CacheAction],
+) -> tuple[list[tuple[Any, ...]], list[int], int]:
+    """The wire commands for the actions, how many actions each covers, and the refreshes.
+
+    An evict is one DEL; consecutive refreshes share one batch-script call, up to
+    ``_REFRESH_GROUP``. A refresh whose payload cannot be packed gets a call of its own, so
+    that the packing error (reported per command) fails that action alone.
+    """
     commands: list[tuple[Any, ...]] = []
-    append = commands.append
-    sha = REFRESH_SHA
+    spans: list[int] = []
     refreshes = 0
+    keys: list[str] = []
+    args: list[Any] = []
+
+    def close_group() -> None:
+        if keys:
+            commands.append((_EVALSHA, REFRESH_BATCH_SHA, len(keys), *keys, *args))
+            spans.append(len(keys) // 3)
+            keys.clear()
+            args.clear()
+
     for action in actions:
         key = action.key
         version, lease = companion_keys(key)
@@ -363,18 +456,41 @@ def _commands(actions: Sequence[CacheAction]) -> tuple[list[tuple[Any, ...]], in
             refreshes += 1
             value = action.value
             if isinstance(value, str):
-                append(
-                    (_EVALSHA, sha, 3, key, version, lease,
-                     action.version, action.ttl_ms, _JSON, value)
-                )  # fmt: skip
+                payload: tuple[Any, ...] = (action.version, action.ttl_ms, _JSON, 1, value)
             else:
-                append(
-                    (_EVALSHA, sha, 3, key, version, lease,
-                     action.version, action.ttl_ms, _HASH, *chain.from_iterable(value))
-                )  # fmt: skip
+                fields = tuple(chain.from_iterable(value))
+                payload = (action.version, action.ttl_ms, _HASH, len(fields), *fields)
+            if not _packable(value):
+                close_group()
+                commands.append((_EVALSHA, REFRESH_BATCH_SHA, 3, key, version, lease, *payload))
+                spans.append(1)
+                continue
+            keys += (key, version, lease)
+            args += payload
+            if len(keys) >= 3 * _REFRESH_GROUP:
+                close_group()
         else:
-            append((_DEL, key, version, lease))
-    return commands, refreshes
+            close_group()
+            commands.append((_DEL, key, version, lease))
+            spans.append(0)
+    close_group()
+    return commands, spans, refreshes
+
+
+def _per_action(spans: list[int], results: list[Any]) -> list[Any]:
+    """One result per action: a batch call's array spread out, or its one error repeated."""
+    flat: list[Any] = []
+    for span, result in zip(spans, results, strict=True):
+        if span == 0:
+            flat.append(result)
+        elif isinstance(result, list) and len(result) == span:
+            flat.extend(result)
+        elif isinstance(result, Exception):
+            flat.extend([result] * span)
+        else:
+            error = ResponseError(f"unexpected reply to a refresh call: {result!r:.100}")
+            flat.extend([error] * span)
+    return flat
 
 
 def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:

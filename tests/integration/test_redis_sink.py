@@ -17,7 +17,7 @@ import redis
 from redis.connection import Connection
 
 from connectors.redis import (
-    REFRESH_SHA,
+    REFRESH_BATCH_SHA,
     RedisCheckpointStore,
     RedisOptions,
     RedisSink,
@@ -197,7 +197,10 @@ def test_empty_batch_sends_nothing(sink: RedisSink, monkeypatch: pytest.MonkeyPa
 
 
 def test_one_apply_is_one_round_trip(
-    sink: RedisSink, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    sink: RedisSink,
+    client: redis.Redis,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sink.apply([refresh("warm-up", 1)])  # loads the script: not part of what is measured
     client.config_resetstat()
@@ -222,15 +225,16 @@ def test_one_apply_is_one_round_trip(
     monkeypatch.undo()
 
     # One round trip: every byte of the batch is written before the first reply is read, and
-    # exactly one reply per action is read.
+    # one reply per command is read: a DEL per evict, one script call per 64 refreshes.
     first_read = events.index("read")
     assert "send" not in events[first_read:]
-    assert events.count("read") == 5000
+    assert events.count("read") == 2500 + 40
     assert 1 <= events.count("send") <= 5000 // 100
     stats = client.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 2500
-    # DELs: one per evict plus the lease DEL inside each script run (commandstats counts both).
+    assert stats["cmdstat_evalsha"]["calls"] == 40
+    # DELs: one per evict plus the lease DEL for each refreshed key (commandstats counts both).
     assert stats["cmdstat_del"]["calls"] == 2500 + 2500
+    assert redis_client.exists(*(f"k:{i}" for i in range(1, 5000, 2))) == 2500
     assert "cmdstat_script" not in stats  # no SCRIPT EXISTS/LOAD per batch
 
 
@@ -243,11 +247,12 @@ def test_script_flush_between_applies_reloads_and_retries(
     sink.apply([refresh("a", 2, '"two"'), Evict("b"), refresh("c", 1, '"c"')])
     assert redis_client.get("a") == '"two"'
     assert redis_client.get("c") == '"c"'
-    assert redis_client.script_exists(REFRESH_SHA) == [True]
+    assert redis_client.script_exists(REFRESH_BATCH_SHA) == [True]
     stats = client.info("commandstats")
-    # The first attempt really hit NOSCRIPT, and the batch went again once.
-    assert stats["cmdstat_evalsha"]["failed_calls"] == 2
-    assert stats["cmdstat_evalsha"]["calls"] == 4
+    # The first attempt really hit NOSCRIPT, and the batch went again once (both refreshes
+    # travel in one script call).
+    assert stats["cmdstat_evalsha"]["failed_calls"] == 1
+    assert stats["cmdstat_evalsha"]["calls"] == 2
 
 
 def test_failed_action_raises_after_the_others_are_applied(
@@ -512,3 +517,47 @@ def test_checkpoint_key_of_the_wrong_type_is_a_checkpoint_error(
     store = RedisCheckpointStore(client, key)
     with pytest.raises(CheckpointError, match="WRONGTYPE"):
         store.load()
+
+
+def test_batched_refreshes_match_the_one_key_script(
+    sink: RedisSink, redis_client: redis.Redis
+) -> None:
+    # The documented per-key script and the batch script the sink sends must leave Redis in
+    # the same state, refusal by refusal, for json and hash payloads, wide and empty hashes.
+    from connectors.redis import REFRESH_SCRIPT
+
+    wide = tuple((f"f{i}", str(i)) for i in range(1500))
+    cases: list[tuple[str, int, int, str | tuple[tuple[str, str], ...]]] = []
+    for i in range(150):
+        payload: str | tuple[tuple[str, str], ...] = (
+            f'{{"i": {i}, "é": "✓"}}' if i % 3 else ((("a", str(i)), ("b", "x")) if i % 2 else ())
+        )
+        if i == 7:
+            payload = wide
+        cases.append((f"case:{i}", 10 + i % 4, TTL_MS if i % 5 else 0, payload))
+    single = redis_client.register_script(REFRESH_SCRIPT)
+    for prefix in ("one", "batch"):
+        for key, _version, _ttl, _payload in cases:
+            redis_client.set(version_key(f"{prefix}:{key}"), 12)  # refuses versions 10 and 11
+    for key, version, ttl, payload in cases:
+        target = f"one:{key}"
+        fmt, args = (
+            ("json", [payload]) if isinstance(payload, str) else ("hash", list(sum(payload, ())))
+        )
+        single(
+            keys=[target, version_key(target), lease_key(target)], args=[version, ttl, fmt, *args]
+        )
+    sink.apply(
+        [Refresh(f"batch:{key}", payload, ttl, version) for key, version, ttl, payload in cases]
+    )
+
+    def state(prefix: str, key: str) -> tuple[object, ...]:
+        name = f"{prefix}:{key}"
+        kind = redis_client.type(name)
+        value = redis_client.get(name) if kind == "string" else redis_client.hgetall(name)
+        has_ttl = redis_client.pttl(name) > 0
+        return kind, value, redis_client.get(version_key(name)), has_ttl
+
+    for key, *_ in cases:
+        assert state("batch", key) == state("one", key), key
+    assert sink.stale_refusals == sum(1 for _k, version, _t, _p in cases if version < 12)
