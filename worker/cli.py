@@ -149,6 +149,7 @@ def _run(
         batch_max_actions=settings.batch.max_actions,
         batch_max_delay_s=settings.batch.max_delay,
         queue_size=settings.batch.queue_size,
+        queue_rows=settings.batch.queue_rows,
         progress_interval_s=settings.log.progress_interval,
         retry_max_backoff_s=settings.batch.retry_max_backoff,
         poison_retries=settings.batch.poison_retries,

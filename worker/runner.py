@@ -15,7 +15,6 @@ makes the loop testable.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from worker.actions import CacheAction, Evict, coalesce
 from worker.dead_letters import DeadLetter, entries_for
 from worker.errors import CacheWorkerError, ConfigError, PartialApplyError, SinkError, SourceError
 from worker.events import Position, SourceItem, TableRef, Transaction
+from worker.handoff import Handoff
 from worker.interfaces import CheckpointStore, DeadLetterStore, Sink, Source
 from worker.retry import retry_call
 from worker.rules import RuleFailure, RuleSet
@@ -42,6 +42,8 @@ class RunOptions:
     batch_max_actions: int = 5000
     batch_max_delay_s: float = 0.005
     queue_size: int = 20000
+    # Rows parsed ahead, whatever the transaction sizes: what bounds the worker's memory.
+    queue_rows: int = 50000
     progress_interval_s: float = 10.0
     retry_max_backoff_s: float = 30.0
     poison_retries: int = 3
@@ -115,7 +117,9 @@ class Runner:
         self.stats = RunStats()
         self._preflight = preflight
         self._describe = describe_position or (lambda p: str(p.to_dict()))
-        self._queue: queue.Queue[SourceItem | _SourceFailed] = queue.Queue(self.options.queue_size)
+        self._queue: Handoff[SourceItem | _SourceFailed] = Handoff(
+            self.options.queue_size, self.options.queue_rows
+        )
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self._closing = threading.Event()
@@ -195,12 +199,10 @@ class Runner:
     # -- source thread ---------------------------------------------------------------------
 
     def _put(self, item: SourceItem | _SourceFailed) -> bool:
+        rows = len(item.changes) if isinstance(item, Transaction) else 0
         while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
+            if self._queue.put(item, rows, timeout=0.2):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _pump(self, start: Position) -> None:
@@ -235,12 +237,7 @@ class Runner:
         if self._pending is not None:
             item, self._pending = self._pending, None
             return item
-        try:
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return self._queue.get(timeout)
 
     def _collect(self) -> _Batch:
         opts = self.options

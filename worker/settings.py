@@ -191,6 +191,7 @@ class BatchSettings(_Section):
     max_actions: int = Field(default=5000, ge=1)
     max_delay: Duration = 0.005
     queue_size: int = Field(default=20000, ge=1)
+    queue_rows: int = Field(default=50000, ge=1)
     retry_max_backoff: Duration = 30.0
     poison_retries: int = Field(default=3, ge=0, le=100)
 
