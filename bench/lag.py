@@ -99,6 +99,9 @@ def measure(
     out_path.unlink(missing_ok=True)
     ready_path.unlink(missing_ok=True)
     admin = redis_server.client()
+    # An empty cache: another source's lag test wrote the same keys, with versions from its
+    # own log that this source's writes could never beat (they would be refused as stale).
+    admin.flushdb()
     admin.config_set("notify-keyspace-events", keyspace_reader.KEYSPACE_EVENTS)
     writer_seconds = 3 * seconds + 10
     env = dict(os.environ)
@@ -150,8 +153,14 @@ def measure(
     seen = keyspace_reader.read_stamps(out_path)
     # The raw samples stay beside the reader's for a closer look (``--keep``).
     (work / f"lag-{source}.commits.json").write_text(json.dumps(commits))
+    problems = [notes]
     if exited.code != 0:
-        notes = "; ".join(filter(None, [notes, f"worker exited {exited.code}"]))
+        problems.append(f"worker exited {exited.code}")
+    stopped = [e for e in exited.events if e.get("event") == "stopped"]
+    refused = stopped[-1].get("stale_refusals") if stopped else None
+    if refused:
+        problems.append(f"{refused} writes refused as stale")
+    notes = "; ".join(filter(None, problems))
     summary = summarize_lag(commits, seen)
     return LagResult(
         source=source,

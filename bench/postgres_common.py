@@ -174,8 +174,12 @@ class SourceBench:
     def teardown(self) -> None:
         cli("teardown", configs=[config for _label, _kind, config in self.configs])
 
+    def before_worker(self, index: int) -> None:
+        """Called before the ``index``-th worker contender runs (nothing to do by default)."""
+
     def _workers(self, expected_rows: int, into: list[Result]) -> None:
-        for label, kind, config in self.configs:
+        for index, (label, kind, config) in enumerate(self.configs):
+            self.before_worker(index)
             flush(self.redis_server)
             self.log(f"  {label} ...")
             self._runs += 1
