@@ -2,13 +2,13 @@
 
 A database of its own is initialised with ``pgbench -i`` (scale 1: 100k accounts); each run is
 a custom script of one ``UPDATE pgbench_accounts ... WHERE aid = random`` per transaction, with
-a few clients for a few seconds: first with no trigger, then with the notify source's triggers
+a few clients for a few seconds, under each variant: no trigger; the notify source's triggers
 exactly as ``cache-worker setup`` installs them today (so it measures whatever the trigger code
-currently is), then with a naive row-level ``pg_notify`` trigger, with nobody listening and
-with one session draining the notifications (every commit then also signals the listener).
-After the run with our triggers, their outbox holds every UPDATE of that run, written at
-pgbench's fastest rate with the triggers; a postgres-notify worker then drains it, which says
-whether the worker keeps up with that rate. ``parse_pgbench`` is the pure part, for the tests.
+currently is); a naive row-level ``pg_notify`` trigger with nobody listening, and with one
+session draining the notifications (every commit then also signals the listener). The variants
+alternate over a few rounds. After them, the outbox holds every UPDATE of the runs with our
+triggers, written at pgbench's fastest rate with them; a postgres-notify worker then drains it,
+which says whether the worker keeps up with that rate. ``parse_pgbench`` is the pure part.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SCRIPT = (
     "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
 )
 NAIVE_CHANNEL = "bench_naive"
+NAIVE_TRIGGER = "bench_naive_notify"
 NAIVE_SQL = [
     "CREATE OR REPLACE FUNCTION bench_naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$\n"
     "BEGIN\n"
@@ -42,11 +43,11 @@ NAIVE_SQL = [
     "    'table', TG_TABLE_NAME, 'op', TG_OP, 'aid', NEW.aid)::text);\n"
     "  RETURN NULL;\n"
     "END $$",
-    "CREATE TRIGGER bench_naive_notify AFTER UPDATE ON pgbench_accounts "
+    f"CREATE TRIGGER {NAIVE_TRIGGER} AFTER UPDATE ON pgbench_accounts "
     "FOR EACH ROW EXECUTE FUNCTION bench_naive_notify()",
 ]
 NAIVE_DROP_SQL = [
-    "DROP TRIGGER IF EXISTS bench_naive_notify ON pgbench_accounts",
+    f"DROP TRIGGER IF EXISTS {NAIVE_TRIGGER} ON pgbench_accounts",
     "DROP FUNCTION IF EXISTS bench_naive_notify()",
 ]
 _TPS = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding) initial connection", re.MULTILINE)
@@ -93,21 +94,70 @@ def _sql(pg: PostgresServer, statements: list[str]) -> None:
             conn.execute(statement)
 
 
+# (label, kind, note) of each variant, in the order every round runs them.
+VARIANTS = (
+    ("no trigger", "none", ""),
+    (
+        "cache-worker notify triggers (`cache-worker setup`)",
+        "ours",
+        "no worker running: the outbox keeps every UPDATE",
+    ),
+    ("naive per-row pg_notify trigger", "naive", "nobody listening"),
+    (
+        "naive per-row pg_notify trigger, one LISTEN session",
+        "naive-listen",
+        "a LISTEN session drains the notifications",
+    ),
+)
+RULE = {
+    "name": "accounts-json",
+    "table": TABLE,
+    "keys": ["account:{aid}"],
+    "action": "refresh",
+    "format": "json",
+}
+
+
+def _our_triggers(pg: PostgresServer, schema_name: str) -> list[str]:
+    """The capture triggers ``cache-worker setup`` put on pgbench_accounts."""
+    with pg.connect(DATABASE) as conn:
+        rows = conn.execute(
+            "SELECT t.tgname FROM pg_catalog.pg_trigger t "
+            "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE t.tgrelid = %s::regclass AND n.nspname = %s AND NOT t.tgisinternal",
+            (TABLE, schema_name),
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def _enable_only(pg: PostgresServer, triggers: list[str]) -> None:
+    statements = [f"ALTER TABLE {TABLE} DISABLE TRIGGER USER"]
+    statements += [f'ALTER TABLE {TABLE} ENABLE TRIGGER "{name}"' for name in triggers]
+    _sql(pg, statements)
+
+
 def run(
     pg: PostgresServer,
     redis_server: RedisServer,
     work: Path,
     seconds: int,
+    rounds: int,
     clients: int,
     timeout: float,
     report: Report,
     log: Callable[[str], None],
 ) -> None:
-    """Every variant in turn; results go into ``report`` as they finish."""
+    """Every variant, ``rounds`` times in turn; the results go into ``report``.
+
+    All triggers are installed once and only the variant's own are enabled for its run, so
+    the variants can alternate: a machine whose background load changes during the part then
+    moves all of them alike, instead of the one that happened to run at a busy moment.
+    """
     with pg.connect() as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
         conn.execute(f"CREATE DATABASE {DATABASE}")
-        # As for the workloads (see postgres_contenders.configure): the default commit.
+        # As for the workloads (see postgres_common.configure): the default commit.
         conn.execute(f"ALTER DATABASE {DATABASE} SET synchronous_commit = on")
     log("  pgbench -i ...")
     _pgbench(pg, ["-i", "-q", "-s", "1"], timeout)
@@ -116,73 +166,77 @@ def run(
     jobs = min(clients, 2)
     args = ["-n", "-M", "prepared", "-c", str(clients), "-j", str(jobs), "-T", str(seconds)]
     args += ["-f", str(script)]
-    note = f"{clients} clients, {seconds}s"
-
-    def measure(variant: str, kind: str, extra: str = "") -> PgbenchResult:
-        # Each run starts from a vacuumed table and a fresh checkpoint, so none pays for the
-        # previous run's dead rows or dirty pages.
-        _sql(pg, [f"VACUUM {TABLE}", "CHECKPOINT"])
-        log(f"  pgbench: {variant} ...")
-        out = parse_pgbench(_pgbench(pg, args, timeout + seconds))
-        result = PgbenchResult(variant, kind, out.tps, out.transactions, f"{note}{extra}")
-        report.pgbench.append(result)
-        return result
-
-    measure("no trigger", "none")
-
     config = write_config(
         work,
         "pgbench_notify",
         {"kind": "postgres-notify", "dsn": pg.dsn(DATABASE)},
         redis_server.url(),
-        [
-            {
-                "name": "accounts-json",
-                "table": TABLE,
-                "keys": ["account:{aid}"],
-                "action": "refresh",
-                "format": "json",
-            }
-        ],
+        [RULE],
     )
     cli("setup", configs=[config])
     try:
-        ours = measure(
-            "cache-worker notify triggers (`cache-worker setup`)",
-            "ours",
-            "; no worker running: the outbox keeps every UPDATE",
-        )
+        _sql(pg, NAIVE_SQL)
+        ours = _our_triggers(pg, "cache_worker")
+        enabled = {
+            "none": [],
+            "ours": ours,
+            "naive": [NAIVE_TRIGGER],
+            "naive-listen": [NAIVE_TRIGGER],
+        }
+        outputs: dict[str, list[PgbenchOutput]] = {kind: [] for _label, kind, _note in VARIANTS}
+        for round_no in range(1, rounds + 1):
+            for label, kind, _note in VARIANTS:
+                _enable_only(pg, enabled[kind])
+                # Each run starts from a vacuumed table and a fresh checkpoint, so none pays
+                # for the previous run's dead rows or dirty pages.
+                _sql(pg, [f"VACUUM {TABLE}", "CHECKPOINT"])
+                log(f"  pgbench round {round_no}: {label} ...")
+                if kind == "naive-listen":
+                    # A naive trigger has a consumer in real life: every commit then also
+                    # signals the listening backend, which reads the queue.
+                    with _Listener(pg, NAIVE_CHANNEL) as listener:
+                        out = parse_pgbench(_pgbench(pg, args, timeout + seconds))
+                    log(f"  the listener received {listener.received} notifications")
+                else:
+                    out = parse_pgbench(_pgbench(pg, args, timeout + seconds))
+                outputs[kind].append(out)
+        for label, kind, note in VARIANTS:
+            report.pgbench.append(_result(label, kind, note, outputs[kind], clients, seconds))
+        # The worker refuses to start while its triggers are disabled (``check``).
+        _enable_only(pg, ours)
         log("  cache-worker drains the outbox ...")
         redis_client = redis_server.client()
         try:
             redis_client.flushdb()
         finally:
             redis_client.close()
+        written = sum(out.transactions for out in outputs["ours"])
         report.notify_drain = run_until_idle(
             "cache-worker json refresh rule",
             "refresh",
             config,
             work / "pgbench_notify.log",
             timeout,
-            ours.transactions,
+            written,
         )
     finally:
-        cli("teardown", configs=[config])
+        try:
+            _sql(pg, NAIVE_DROP_SQL)
+        finally:
+            cli("teardown", configs=[config])
 
-    _sql(pg, NAIVE_SQL)
-    try:
-        measure("naive per-row pg_notify trigger", "naive", "; nobody listening")
-        # A naive trigger has a consumer in real life: then every commit also signals the
-        # listening backend, which reads the queue.
-        with _Listener(pg, NAIVE_CHANNEL) as listener:
-            measure(
-                "naive per-row pg_notify trigger, one LISTEN session",
-                "naive-listen",
-                "; a LISTEN session drains the notifications",
-            )
-        log(f"  the listener received {listener.received} notifications")
-    finally:
-        _sql(pg, NAIVE_DROP_SQL)
+
+def _result(
+    label: str, kind: str, note: str, outputs: list[PgbenchOutput], clients: int, seconds: int
+) -> PgbenchResult:
+    """The variant's mean tps over its rounds; the per-round tps in the notes."""
+    tps = sum(out.tps for out in outputs) / len(outputs)
+    notes = f"{clients} clients, {len(outputs)} x {seconds}s"
+    if len(outputs) > 1:
+        notes += " (tps per round: " + " / ".join(f"{out.tps:,.0f}" for out in outputs) + ")"
+    if note:
+        notes += f"; {note}"
+    return PgbenchResult(label, kind, tps, sum(out.transactions for out in outputs), notes)
 
 
 class _Listener:

@@ -37,6 +37,7 @@ def run_postgres(run: Run, redis_server: RedisServer) -> None:
                     redis_server,
                     run.work,
                     s.pgbench_seconds,
+                    s.pgbench_rounds,
                     s.pgbench_clients,
                     s.worker_timeout_s,
                     run.report,

@@ -182,8 +182,9 @@ def pgbench_table(results: list[PgbenchResult], drain: Result | None) -> str:
     if drain is not None:
         lines += [
             "",
-            f"cache-worker (postgres-notify, json refresh) drained the outbox the trigger run "
-            f"left, {drain.rows} rows, at {drain.rows_per_s:,.0f} rows/s ({drain.notes}).",
+            f"cache-worker (postgres-notify, json refresh) drained the outbox the runs with "
+            f"our triggers left, {drain.rows} rows, at {drain.rows_per_s:,.0f} rows/s "
+            f"({drain.notes}).",
         ]
     return "\n".join(lines)
 
