@@ -1,17 +1,18 @@
-"""The ``postgres-notify`` ``Source`` (Postgres 13+, no replication privilege): statement-level
+"""The ``postgres-notify`` ``Source`` (Postgres 13+, no replication privilege): row-level
 triggers copy each change into an outbox table, a NOTIFY wakes the worker, and the worker consumes
 the outbox in id order. It owns the outbox schema and capture triggers (``setup``/``teardown`` and
-their SQL), consuming under row locks and deleting only what the run loop acknowledged, the
-advisory locks that make one worker the consumer and let writers skip NOTIFY while it is awake,
-turning ``to_jsonb`` rows back into the values the logical source produces, reconnecting with
-backoff, and the checks behind ``cache-worker check`` and ``run``. The outbox, not the checkpoint,
-is the durable state: rows written while no worker runs wait there, and a worker that dies before
-its batch is acknowledged leaves the rows for the next consumer (a duplicate is harmless, a loss
-is not), so ``start`` = ``end`` and ``beginning`` both mean "what is in the outbox now". LISTEN and
-the session-level consumer lock need a direct connection or session pooling: behind a pgbouncer
-*transaction* pool NOTIFYs are lost and nobody in particular holds the consumer lock, yet rows
-are still found every ``poll_interval_s`` and the transaction-level lock each batch takes still
-keeps two workers from consuming at once; only "one active, the others standby" is lost.
+their SQL, and the upgrade of what older versions installed), consuming under row locks and
+deleting only what the run loop acknowledged, the advisory locks that make one worker the consumer
+and let writers skip NOTIFY while it is awake, turning ``row_to_json`` images back into the values
+the logical source produces, reconnecting with backoff, and the checks behind ``cache-worker
+check`` and ``run``. The outbox, not the checkpoint, is the durable state: rows written while no
+worker runs wait there, and a worker that dies before its batch is acknowledged leaves the rows
+for the next consumer (a duplicate is harmless, a loss is not), so ``start`` = ``end`` and
+``beginning`` both mean "what is in the outbox now". LISTEN and the session-level consumer lock
+need a direct connection or session pooling: behind a pgbouncer *transaction* pool NOTIFYs are
+lost and nobody in particular holds the consumer lock, yet rows are still found every
+``poll_interval_s`` and the transaction-level lock each batch takes still keeps two workers from
+consuming at once; only "one active, the others standby" is lost.
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ CHECK_BACKLOG = "outbox backlog"
 CHECK_PRIVILEGES = "outbox privileges"
 
 OUTBOX_TABLE = "outbox"
-# Transition table names inside the capture functions; not visible outside a trigger call.
-_OLD_TABLE = "cache_worker_old"
-_NEW_TABLE = "cache_worker_new"
 _FUNCTION_PREFIX = "capture_"
 _OPS = {"insert": Op.INSERT, "update": Op.UPDATE, "delete": Op.DELETE, "truncate": Op.TRUNCATE}
+# Trigger names: "row" and "truncate" are created; insert, update and delete are the statement
+# triggers of older versions, still dropped by setup (and accepted by the checks until then).
 _TRIGGER_OPS = ("insert", "update", "delete", "truncate", "row")
+_IMAGE_COLUMNS = ("old", "new")
 
 # Waits are sliced so a close() that could not interrupt the socket still ends them soon.
 _WAIT_SLICE_S = 0.5
@@ -173,8 +174,8 @@ def outbox_sql(options: PostgresOptions) -> list[sql.Composed]:
             "  op text NOT NULL,\n"
             "  table_schema text NOT NULL,\n"
             "  table_name text NOT NULL,\n"
-            "  old jsonb,\n"
-            "  new jsonb,\n"
+            "  old json,\n"
+            "  new json,\n"
             "  created_at timestamptz NOT NULL DEFAULT clock_timestamp()\n"
             ")"
         ).format(outbox),
@@ -195,6 +196,33 @@ def outbox_sql(options: PostgresOptions) -> list[sql.Composed]:
     ]
 
 
+def outbox_upgrade_sql(
+    conn: psycopg.Connection[Any], options: PostgresOptions
+) -> list[sql.Composed]:
+    """What turns an existing outbox of an older version into the current one (none if current).
+
+    Older versions stored the row images as ``jsonb``; ``json`` is what ``row_to_json`` makes
+    without a conversion, and reading it back as text costs the server nothing. The rewrite
+    locks the outbox for its duration, which is short unless a large backlog waits in it.
+    """
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_catalog.pg_attribute a "
+        "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND a.atttypid = 'pg_catalog.jsonb'::pg_catalog.regtype ORDER BY a.attnum",
+        (options.schema_name, OUTBOX_TABLE),
+    ).fetchall()
+    columns = [str(r[0]) for r in rows if r[0] in _IMAGE_COLUMNS]
+    if not columns:
+        return []
+    changes = sql.SQL(", ").join(
+        sql.SQL("ALTER COLUMN {0} TYPE json USING {0}::json").format(sql.Identifier(c))
+        for c in columns
+    )
+    return [sql.SQL("ALTER TABLE {} {}").format(_outbox(options), changes)]
+
+
 def _dollar_quote(body: str) -> str:
     tag = "cache_worker"
     while f"${tag}$" in body:
@@ -202,25 +230,20 @@ def _dollar_quote(body: str) -> str:
     return f"${tag}${body}${tag}$"
 
 
-def _insert_prefix(options: PostgresOptions, columns: str) -> sql.Composable:
-    return sql.SQL("INSERT INTO {} (op, table_schema, table_name{})").format(
-        _outbox(options), sql.SQL(columns)
-    )
-
-
-def capture_function_sql(
-    options: PostgresOptions, table: TableRef, primary_key: Sequence[str]
-) -> sql.Composed:
+def capture_function_sql(options: PostgresOptions, table: TableRef) -> sql.Composed:
     """``CREATE OR REPLACE FUNCTION`` of the table's capture function.
 
-    With a primary key it serves the statement-level triggers: each statement costs one
-    ``INSERT ... SELECT`` from its transition tables and at most one NOTIFY, however many rows it
-    changed. An UPDATE pairs old and new rows by primary key; an old row without a new partner is
-    a delete and a new row without an old partner an insert, which is what a changed primary key
-    means to a cache. Deletes are written first, then updates, then inserts, so a later row never
-    evicts a key an earlier row of the same statement just refreshed. Without a primary key the
-    function is a row-level trigger. It runs as its owner (SECURITY DEFINER), so the application
-    needs no privilege on the outbox, with a fixed search_path because of that.
+    It serves the row-level trigger (INSERT, UPDATE, DELETE) and the statement-level TRUNCATE
+    trigger with one branch-free body: one outbox ``INSERT ... VALUES`` per changed row, with
+    ``row_to_json`` of OLD and NEW (NULL where the operation has none). A single-row statement,
+    what most applications run, costs one plpgsql call and one small insert; statement-level
+    triggers with transition tables cost about twice as much there (the transition tuplestores and
+    an ``INSERT ... SELECT`` over a hash join of old and new rows), though they win on bulk
+    statements. An UPDATE that changed the primary key arrives as one row with both images; the
+    consumer turns it into a delete and an insert.
+
+    It runs as its owner (SECURITY DEFINER), so the application needs no privilege on the
+    outbox, with a fixed search_path because of that.
 
     NOTIFY is costly at commit: Postgres serialises the commits of all notifying transactions
     of the cluster behind one lock (and their WAL flushes with it). So a writer notifies only
@@ -229,85 +252,25 @@ def capture_function_sql(
     that shared lock until its commit makes a consumer that wants to sleep wait for the commit,
     and the consumer looks at the outbox once more after it got the lock, so no change is left
     waiting for the poll. Under load the consumer is rarely asleep and writers rarely notify.
+    Later rows of the same transaction find the lock in their backend's own lock table.
     """
-    schema_lit = sql.Literal(table.schema)
-    name_lit = sql.Literal(table.name)
-    channel = sql.Literal(options.channel)
-    notify = sql.SQL(
-        "IF NOT pg_try_advisory_xact_lock_shared({}) THEN\n"
-        "      PERFORM pg_notify({}, '');\n"
-        "    END IF;"
-    ).format(sql.Literal(sleep_lock_key(options.schema_name)), channel)
-    truncate = sql.SQL("{} VALUES ('truncate', {}, {});").format(
-        _insert_prefix(options, ""), schema_lit, name_lit
+    body = sql.SQL(
+        "\nBEGIN\n"
+        "  INSERT INTO {outbox} (op, table_schema, table_name, old, new)\n"
+        "  VALUES (pg_catalog.lower(TG_OP), {s}, {t},\n"
+        "          pg_catalog.row_to_json(OLD), pg_catalog.row_to_json(NEW));\n"
+        "  IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({key}) THEN\n"
+        "    PERFORM pg_catalog.pg_notify({channel}, '');\n"
+        "  END IF;\n"
+        "  RETURN NULL;\n"
+        "END\n"
+    ).format(
+        outbox=_outbox(options),
+        s=sql.Literal(table.schema),
+        t=sql.Literal(table.name),
+        key=sql.Literal(sleep_lock_key(options.schema_name)),
+        channel=sql.Literal(options.channel),
     )
-    body: sql.Composable
-    if primary_key:
-        old, new = sql.Identifier(_OLD_TABLE), sql.Identifier(_NEW_TABLE)
-        pk = [sql.Identifier(c) for c in primary_key]
-        join = sql.SQL(" AND ").join(sql.SQL("o.{0} = n.{0}").format(c) for c in pk)
-        # Primary key columns are NOT NULL, so a NULL one marks the missing side of the join.
-        kind = sql.SQL("CASE WHEN n.{0} IS NULL THEN {1} WHEN o.{0} IS NULL THEN {2} ELSE {3} END")
-        op_case = kind.format(
-            pk[0], sql.Literal("delete"), sql.Literal("insert"), sql.Literal("update")
-        )
-        order_case = kind.format(pk[0], sql.Literal(0), sql.Literal(2), sql.Literal(1))
-        body = sql.SQL(
-            "\nBEGIN\n"
-            "  IF TG_OP = 'INSERT' THEN\n"
-            "    {ins_new}\n"
-            "    SELECT 'insert', {s}, {t}, to_jsonb(n.*) FROM {new} AS n;\n"
-            "  ELSIF TG_OP = 'UPDATE' THEN\n"
-            "    {ins_both}\n"
-            "    SELECT {op_case}, {s}, {t}, to_jsonb(o.*), to_jsonb(n.*)\n"
-            "    FROM {old} AS o FULL JOIN {new} AS n ON {join}\n"
-            "    ORDER BY {order_case};\n"
-            "  ELSIF TG_OP = 'DELETE' THEN\n"
-            "    {ins_old}\n"
-            "    SELECT 'delete', {s}, {t}, to_jsonb(o.*) FROM {old} AS o;\n"
-            "  ELSE\n"
-            "    {truncate}\n"
-            "  END IF;\n"
-            "  IF FOUND THEN\n"
-            "    {notify}\n"
-            "  END IF;\n"
-            "  RETURN NULL;\n"
-            "END\n"
-        ).format(
-            ins_new=_insert_prefix(options, ", new"),
-            ins_old=_insert_prefix(options, ", old"),
-            ins_both=_insert_prefix(options, ", old, new"),
-            s=schema_lit,
-            t=name_lit,
-            old=old,
-            new=new,
-            join=join,
-            op_case=op_case,
-            order_case=order_case,
-            truncate=truncate,
-            notify=notify,
-        )
-    else:
-        body = sql.SQL(
-            "\nBEGIN\n"
-            "  IF TG_OP = 'TRUNCATE' THEN\n"
-            "    {truncate}\n"
-            "  ELSE\n"
-            "    {ins_both}\n"
-            "    VALUES (lower(TG_OP), {s}, {t},\n"
-            "            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,\n"
-            "            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n"
-            "  END IF;\n"
-            "  {notify}\n"
-            "  RETURN NULL;\n"
-            "END\n"
-        ).format(
-            truncate=truncate,
-            ins_both=_insert_prefix(options, ", old, new"),
-            s=schema_lit,
-            t=name_lit,
-            notify=notify,
-        )
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger\n"
         "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp\n"
@@ -331,12 +294,12 @@ class _BodyText(sql.Composable):
         return _dollar_quote(self._body.as_string(context)).encode(encoding)
 
 
-def trigger_sql(
-    options: PostgresOptions, table: TableRef, primary_key: Sequence[str]
-) -> list[sql.Composed]:
-    """Drop every capture trigger this schema may have left on ``table``, create the right ones.
+def trigger_sql(options: PostgresOptions, table: TableRef) -> list[sql.Composed]:
+    """Drop every capture trigger this schema may have left on ``table``, create the right ones:
+    a row-level trigger for INSERT, UPDATE and DELETE and a statement-level one for TRUNCATE.
 
-    Dropping and creating in the one setup transaction leaves no moment without capture.
+    Dropping and creating in the one setup transaction leaves no moment without capture; the
+    drop also removes the statement-level triggers older versions created.
     """
     target = qualified(table)
     fn = sql.Identifier(options.schema_name, function_name(table))
@@ -344,32 +307,16 @@ def trigger_sql(
     statements: list[sql.Composed] = [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(names[op], target) for op in _TRIGGER_OPS
     ]
-    create = "CREATE TRIGGER {name} AFTER {event} ON {table}{referencing} FOR EACH {level} "
-    create += "EXECUTE FUNCTION {fn}()"
-    specs: list[tuple[str, str, str, str]]
-    if primary_key:
-        specs = [
-            ("insert", "INSERT", f" REFERENCING NEW TABLE AS {_NEW_TABLE}", "STATEMENT"),
-            (
-                "update",
-                "UPDATE",
-                f" REFERENCING OLD TABLE AS {_OLD_TABLE} NEW TABLE AS {_NEW_TABLE}",
-                "STATEMENT",
-            ),
-            ("delete", "DELETE", f" REFERENCING OLD TABLE AS {_OLD_TABLE}", "STATEMENT"),
-        ]
-    else:
-        specs = [("row", "INSERT OR UPDATE OR DELETE", "", "ROW")]
-    specs.append(("truncate", "TRUNCATE", "", "STATEMENT"))
-    for op, event, referencing, level in specs:
+    create = (
+        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH {level} EXECUTE FUNCTION {fn}()"
+    )
+    for op, event, level in (
+        ("row", "INSERT OR UPDATE OR DELETE", "ROW"),
+        ("truncate", "TRUNCATE", "STATEMENT"),
+    ):
         statements.append(
             sql.SQL(create).format(
-                name=names[op],
-                event=sql.SQL(event),
-                table=target,
-                referencing=sql.SQL(referencing),
-                level=sql.SQL(level),
-                fn=fn,
+                name=names[op], event=sql.SQL(event), table=target, level=sql.SQL(level), fn=fn
             )
         )
     return statements
@@ -461,12 +408,12 @@ def _plain_json(value: Any) -> Any:
 
 
 def _converter(decoder: TextDecoder, column: ColumnInfo) -> Callable[[Any], Any]:
-    """How one column's ``to_jsonb`` value becomes the value the logical source would give.
+    """How one column's ``row_to_json`` value becomes the value the logical source would give.
 
-    What ``to_jsonb`` cannot give back: a json (not jsonb) column's objects come with jsonb's key
-    order, without duplicate keys or the original spacing; real/double values are as exact as the
-    writing session's ``extra_float_digits`` printed them (the default prints them exactly); a
-    composite-type column arrives as a dict instead of its text form.
+    What ``row_to_json`` cannot give back: real/double values are as exact as the writing
+    session's ``extra_float_digits`` printed them (the default prints them exactly); a
+    composite-type column arrives as a dict instead of its text form. (Images that older versions
+    stored with ``to_jsonb`` also give json columns jsonb's key order, without duplicate keys.)
     """
     oid = column.type_oid
     if oid in _JSON_OIDS:
@@ -483,10 +430,12 @@ def _converter(decoder: TextDecoder, column: ColumnInfo) -> Callable[[Any], Any]
 
 @dataclass(slots=True)
 class _TablePlan:
-    """Per-table decoding: column names in table order with their converters."""
+    """Per-table decoding: column names in table order with their converters, and the primary
+    key (empty without one)."""
 
     columns: list[tuple[str, Callable[[Any], Any]]]
     names: frozenset[str]
+    key: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -541,12 +490,18 @@ class _Session:
             plan = _TablePlan(
                 [(c.name, _converter(self.decoder, c)) for c in columns],
                 frozenset(c.name for c in columns),
+                primary_key(self.meta, table) or (),
             )
         self.plans[table] = plan
         return plan
 
+    def rekeyed(self, table: TableRef, before: dict[str, Any], after: dict[str, Any]) -> bool:
+        """Whether an UPDATE changed the row's primary key (False without a known key)."""
+        plan = self.plans.get(table) or self.plan(table)
+        return plan is not None and any(before.get(k) != after.get(k) for k in plan.key)
+
     def row(self, table: TableRef, text: str | None) -> dict[str, Any] | None:
-        """An outbox image (jsonb text) as a row dict in the table's column order."""
+        """An outbox image (JSON text) as a row dict in the table's column order."""
         if text is None:
             return None
         raw: dict[str, Any] = _JSON.decode(text)
@@ -700,23 +655,16 @@ class PostgresNotifySource:
     def _setup_statements(self, conn: psycopg.Connection[Any]) -> list[sql.Composed]:
         opts = self.options
         statements = outbox_sql(opts)
+        statements.extend(outbox_upgrade_sql(conn, opts))
         missing: list[str] = []
         wanted_functions: set[str] = set()
         for table in opts.tables:
-            key = primary_key(conn, table)
-            if key is None:
+            if primary_key(conn, table) is None:
                 missing.append(str(table))
                 continue
-            if not key:
-                log.warning(
-                    "outbox_row_trigger",
-                    table=str(table),
-                    reason="no primary key: UPDATEs cannot be paired in a statement trigger",
-                    cost="one outbox row insert per changed row",
-                )
             wanted_functions.add(function_name(table))
-            statements.append(capture_function_sql(opts, table, key))
-            statements.extend(trigger_sql(opts, table, key))
+            statements.append(capture_function_sql(opts, table))
+            statements.extend(trigger_sql(opts, table))
         if missing:
             raise SchemaError(
                 f"cannot capture changes of missing table(s) {', '.join(missing)} on {opts.target}"
@@ -898,9 +846,9 @@ class PostgresNotifySource:
         statement = [trigger_name(schema, op) for op in ("insert", "update", "delete")]
         row = [trigger_name(schema, "row")]
         truncate = [trigger_name(schema, "truncate")]
-        # Either set captures correctly: a table that gained a primary key after setup still
-        # has its row trigger until the next setup.
-        for kind, wanted in (("statement", statement + truncate), ("row", row + truncate)):
+        # Either set captures correctly; the statement-level one is what older versions of
+        # setup installed, and costs the application more on single-row writes.
+        for kind, wanted in (("row", row + truncate), ("statement", statement + truncate)):
             if all(w in ours for w in wanted):
                 disabled = [w for w in wanted if not ours[w].enabled]
                 if disabled:
@@ -909,6 +857,14 @@ class PostgresNotifySource:
                         False,
                         f"trigger(s) {', '.join(disabled)} are disabled; ALTER TABLE ... "
                         f"ENABLE TRIGGER or {SETUP_HINT}",
+                    )
+                if kind == "statement":
+                    return CheckResult(
+                        name,
+                        True,
+                        "statement-level capture triggers of an older setup present; they "
+                        f"capture correctly but cost more per write: {SETUP_HINT}",
+                        warning=True,
                     )
                 return CheckResult(name, True, f"{kind}-level capture triggers present")
         present = sorted(ours)
@@ -1206,7 +1162,18 @@ class PostgresNotifySource:
                     raise SourceError(f"outbox row {outbox_id} has an unknown op {op_text!r}")
                 before = session.row(table, old) if op is not Op.INSERT else None
                 after = session.row(table, new) if op in (Op.INSERT, Op.UPDATE) else None
-                changes.append(RowChange(op, table, before, after, int(outbox_id)))
+                row_version = int(outbox_id)
+                if (
+                    op is Op.UPDATE
+                    and before is not None
+                    and after is not None
+                    and session.rekeyed(table, before, after)
+                ):
+                    # Another primary key is another row to a cache: the old one is gone.
+                    changes.append(RowChange(Op.DELETE, table, before, None, row_version))
+                    changes.append(RowChange(Op.INSERT, table, None, after, row_version))
+                    continue
+                changes.append(RowChange(op, table, before, after, row_version))
             if not changes:
                 continue
             last_id = int(group[-1][0])
@@ -1258,6 +1225,7 @@ __all__: Sequence[str] = [
     "lock_key",
     "make_position",
     "outbox_sql",
+    "outbox_upgrade_sql",
     "preflight",
     "primary_key",
     "sleep_lock_key",
