@@ -389,6 +389,11 @@ def test_setup_upgrades_statement_triggers_and_a_jsonb_outbox_keeping_its_rows(
         ("app", "t", trigger_name(SCHEMA, "truncate")),
     ]
     assert catalog["functions"] == [function_name(T)]
+    # CREATE OR REPLACE also dropped the old function's SET search_path.
+    config = db.execute(
+        "SELECT proconfig FROM pg_proc WHERE proname = %s", (function_name(T),)
+    ).fetchone()
+    assert config == (None,)
     types = db.execute(
         "SELECT attname, atttypid::regtype::text FROM pg_attribute "
         "WHERE attrelid = 'cache_worker.outbox'::regclass AND attname IN ('old', 'new') "
@@ -1118,5 +1123,59 @@ def test_privileges_check_names_the_grant_and_passwords_stay_out(
             preflight(wrong)
         assert password not in str(raised.value)
     finally:
+        db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_capture_runs_as_its_owner_whatever_search_path_the_writer_sets(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    """The capture function is SECURITY DEFINER without a pinned search_path: a writer that puts
+    a schema of its own first (even before pg_catalog) must not get any of its functions or
+    tables used with the owner's rights, nor change what is captured."""
+    source = _setup(postgres, pg_db, tables=(T,))
+    role = f"cw_{uuid.uuid4().hex[:10]}"
+    db.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        db.execute(
+            sql.SQL(
+                "GRANT USAGE ON SCHEMA app TO {r}; GRANT SELECT, INSERT, UPDATE ON app.t TO {r}; "
+                "CREATE SCHEMA evil AUTHORIZATION {r}"
+            ).format(r=sql.Identifier(role))
+        )
+        with db.transaction():
+            db.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            trap = "BEGIN RAISE EXCEPTION 'trapped %', {}; END"
+            for signature, what in (
+                ("lower(text) RETURNS text", "'lower'"),
+                ("row_to_json(record) RETURNS json", "'row_to_json'"),
+                ("pg_notify(text, text) RETURNS void", "'pg_notify'"),
+                ("pg_try_advisory_xact_lock_shared(bigint) RETURNS bool", "'lock'"),
+                ("nextval(regclass) RETURNS bigint", "'nextval'"),
+            ):
+                body = trap.format(what)
+                db.execute(f"CREATE FUNCTION evil.{signature} LANGUAGE plpgsql AS $${body}$$")
+            # Tables an unqualified INSERT INTO outbox would fill instead of the real one.
+            columns = (
+                "(id bigserial, txid xid8, op text, table_schema text, table_name text, "
+                "old json, new json, created_at timestamptz)"
+            )
+            db.execute(f"CREATE TABLE evil.outbox {columns}")
+            db.execute(f"CREATE TEMP TABLE outbox {columns}")
+            db.execute("SET LOCAL search_path = evil, pg_temp, pg_catalog")
+            db.execute("INSERT INTO app.t VALUES (1, 1, 'a')")
+            db.execute("UPDATE app.t SET s = 'b' WHERE id = 1")
+            counts = db.execute(
+                "SELECT (SELECT count(*) FROM evil.outbox), (SELECT count(*) FROM pg_temp.outbox)"
+            ).fetchone()
+        assert counts == (0, 0)
+        with _Streamer(source) as streamer:
+            changes = streamer.changes(2)
+        assert _ops(changes) == [
+            (Op.INSERT, None, {"id": 1, "v": 1, "s": "a"}),
+            (Op.UPDATE, {"id": 1, "v": 1, "s": "a"}, {"id": 1, "v": 1, "s": "b"}),
+        ]
+    finally:
+        db.execute("DROP SCHEMA IF EXISTS evil CASCADE")
         db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

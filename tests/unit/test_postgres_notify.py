@@ -3,6 +3,7 @@ values and how outbox rows become transactions and positions (no server needed).
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -95,6 +96,17 @@ def test_setup_sql_quotes_identifiers_and_captures_each_row() -> None:
     assert "FOR EACH ROW" in created_triggers[0]
     assert "AFTER TRUNCATE" in created_triggers[1]
     assert "FOR EACH STATEMENT" in created_triggers[1]
+
+
+def test_function_body_resolves_nothing_through_the_search_path() -> None:
+    """The function runs as its owner without a pinned search_path, so every function it calls
+    must be schema-qualified (and it uses no operators or type names)."""
+    function = text(capture_function_sql(options(), T))
+    body = function.split("$cache_worker$")[1]
+    calls = re.findall(r"([\w.]+)\s*\(", body)
+    unqualified = [c for c in calls if not c.startswith("pg_catalog.") and c != "VALUES"]
+    assert unqualified == [], unqualified
+    assert not re.search(r"::|[=<>+*/|]|\bOPERATOR\b", body.replace("$cache_worker$", ""))
 
 
 def test_function_body_gets_a_dollar_tag_it_does_not_contain() -> None:
