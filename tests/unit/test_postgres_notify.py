@@ -3,15 +3,18 @@ values and how outbox rows become transactions and positions (no server needed).
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from psycopg import sql
 
 from connectors.postgres_common import PostgresOptions
 from connectors.postgres_notify import (
     PostgresNotifySource,
+    _decode_image,
     _plain_json,
     _StreamState,
     batch_lock_key,
@@ -119,6 +122,22 @@ def test_plain_json_gives_json_loads_floats() -> None:
     value = {"a": [Decimal("1.0"), 2, Decimal("2.5")], "b": {"c": Decimal("1E+2")}}
     assert _plain_json(value) == {"a": [1.0, 2, 2.5], "b": {"c": 100.0}}
     assert type(_plain_json(value)["a"][0]) is float
+
+
+def test_images_decode_with_exact_numbers_and_whitespace_or_bad_json_is_still_handled() -> None:
+    image = '{"id":1,"n":12.50,"f":1e2,"s":"x y","j":{"a":[1,2.5]}}'
+    assert _decode_image(image) == {
+        "id": 1,
+        "n": Decimal("12.50"),
+        "f": Decimal("1E+2"),
+        "s": "x y",
+        "j": {"a": [1, Decimal("2.5")]},
+    }
+    # Images older versions wrote (jsonb text) have spaces inside; surrounding ones too.
+    assert _decode_image(' {"id": 1, "s": "a"} ') == {"id": 1, "s": "a"}
+    for bad in ('{"id": 1} trailing', '{"id": ', ""):
+        with pytest.raises(json.JSONDecodeError):
+            _decode_image(bad)
 
 
 def test_describe_position() -> None:
