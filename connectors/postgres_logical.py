@@ -9,6 +9,7 @@ slot, publication, replica identity, privileges) behind ``cache-worker check`` a
 
 from __future__ import annotations
 
+import bisect
 import random
 import struct
 import threading
@@ -88,8 +89,25 @@ _FETCH_ROWS = 2000 if psycopg.capabilities.has_stream_chunked() else 1
 # peek re-decodes everything after the slot's position, so a busy unrelated workload must not
 # stay behind it for long.
 _ADVANCE_AFTER_BYTES = 16 * 1024 * 1024
-# How far a backlog may grow the peek limit (rows), unless max_changes is set higher.
+# How far a backlog may grow the peek window (rows), unless max_changes is set higher.
 _GROWN_LIMIT = 200_000
+# While changes flow, the slot follows the acks at most this often: an advance decodes from the
+# restart point like a peek does, and until it runs a peek merely returns (and the decoder
+# skips) the few transactions yielded since the last one.
+_ADVANCE_INTERVAL_S = 0.1
+# While changes flow, peeks start at most this often (or every poll_interval, if shorter): each
+# costs a round trip and a decode from the restart point however little it brings.
+_BUSY_CYCLE_S = 0.01
+# After a quiet peek the next one comes this soon, then twice as late each time, up to
+# poll_interval: a pause between two commits is usually short, an idle database stays idle.
+_FIRST_POLL_S = 0.005
+# The restart point nudge (``_nudge``): at most this often while following the WAL's head, once
+# this much WAL was written since the last one; backing off to the maximum while running
+# transactions make it wait longer than the timeout.
+_NUDGE_INTERVAL_S = 0.5
+_NUDGE_MAX_INTERVAL_S = 16.0
+_NUDGE_MIN_BYTES = 64 * 1024
+_NUDGE_TIMEOUT_MS = 50
 _PG_EPOCH_OFFSET_S = 946_684_800  # 2000-01-01 (Postgres timestamps) minus 1970-01-01
 
 _U8 = struct.Struct(">B")
@@ -205,6 +223,8 @@ class PgOutputDecoder:
         self.types: dict[int, str] = {}
         self.skip_before = 0
         self.last_commit_end = 0
+        # Messages of skipped transactions since the caller last set this to 0.
+        self.skipped = 0
         self.in_transaction = False
         self._skipping = False
         self._version = 0
@@ -257,7 +277,9 @@ class PgOutputDecoder:
             raise ProtocolError("pgoutput Begin inside an open transaction")
         final_lsn, _ts, _xid = _BEGIN.unpack_from(data, 1)
         self.in_transaction = True
-        self._skipping = final_lsn < self.skip_before
+        self._skipping = skipping = final_lsn < self.skip_before
+        if skipping:
+            self.skipped += 1
         self._version = final_lsn
         self._changes = []
         self._chunked = False
@@ -269,7 +291,10 @@ class PgOutputDecoder:
         changes, chunked, skipping = self._changes, self._chunked, self._skipping
         self.reset()
         self.last_commit_end = end_lsn
-        if skipping or (not changes and not chunked):
+        if skipping:
+            self.skipped += 1
+            return None
+        if not changes and not chunked:
             return None
         committed_at = ts / 1_000_000 + _PG_EPOCH_OFFSET_S
         return Transaction(changes, make_position(end_lsn), committed_at)
@@ -327,6 +352,7 @@ class PgOutputDecoder:
         if not self.in_transaction:
             raise ProtocolError("pgoutput row change outside a transaction")
         if self._skipping:
+            self.skipped += 1
             return None
         relation = self._wanted(_U32.unpack_from(data, 1)[0])
         if relation is None:
@@ -455,6 +481,17 @@ def _slot_info(conn: psycopg.Connection[Any], slot: str) -> _SlotInfo | None:
     )
 
 
+def _can_log_standby_snapshot(conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``pg_log_standby_snapshot()`` exists (16+) and this role may run it."""
+    if conn.info.server_version < 160000:
+        return False
+    row = conn.execute(
+        "SELECT pg_catalog.has_function_privilege("
+        "'pg_catalog.pg_log_standby_snapshot()', 'EXECUTE')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _publication_arg(name: str) -> str:
     # pgoutput splits publication_names like an identifier list, so quote it as one.
     return '"' + name.replace('"', '""') + '"'
@@ -524,6 +561,12 @@ class _Session:
     catalog: psycopg.Connection[Any]
     decoder: PgOutputDecoder
     confirmed: int
+    # The restart point nudge: the temporary slot's name, the WAL flushed at the last nudge,
+    # when the next may come and the interval in force.
+    nudge_slot: str = ""
+    nudged_lsn: int = 0
+    nudge_at: float = 0.0
+    nudge_every: float = _NUDGE_INTERVAL_S
 
 
 class PostgresLogicalSource:
@@ -551,6 +594,9 @@ class PostgresLogicalSource:
         self._ctl_lock = threading.Lock()
         self._retained: tuple[float, int | None] | None = None
         self.chunk_rows = CHUNK_ROWS
+        # How ``_nudge`` gets a running-transactions record logged: "snapshot" (16+, when
+        # allowed), "slot" (a temporary slot), or None once that failed.
+        self._nudge_mode: str | None = "slot"
 
     # -- connections ------------------------------------------------------------------------
 
@@ -1011,6 +1057,9 @@ class PostgresLogicalSource:
                 self._tables, decoder_values.loader, decoder_values.decode, self.chunk_rows
             )
             session = _Session(conn, catalog, decoder, info.confirmed)
+            session.nudge_slot = f"cache_worker_nudge_{conn.info.backend_pid}"
+            if self._nudge_mode is not None and _can_log_standby_snapshot(conn):
+                self._nudge_mode = "snapshot"
         except BaseException:
             close_quietly(conn)
             close_quietly(catalog)
@@ -1086,17 +1135,25 @@ class PostgresLogicalSource:
         return parse_lsn(str(row[0])), parse_lsn(str(row[1]))
 
     def _read(self, session: _Session, start_lsn: int) -> Iterator[SourceItem]:
-        """Peek, yield, wait for the ack, advance; forever (until close or an error)."""
+        """Peek, yield, peek again; advance behind the acks; forever (until close or an error).
+
+        Peeks do not wait for the run loop: the next one starts as soon as the previous one is
+        yielded, and the transactions it returns again (the slot only moves past what was
+        acknowledged) are skipped by the decoder. The slot follows the acks at most every
+        ``_ADVANCE_INTERVAL_S`` while changes flow, because every advance, like every peek,
+        decodes again from the slot's restart point. Only when the run loop falls far behind
+        what was yielded does the stream wait for its acks.
+        """
         opts = self.options
         decoder = session.decoder
         max_changes = max(1, opts.max_changes)
         # Every peek and every advance decodes again from the slot's restart_lsn, which trails
         # by up to the last running-transactions record (15 s of WAL, or more behind a long
-        # transaction): a fixed cost per round that small peeks cannot amortise while there is
-        # a backlog. So the limit doubles while peeks come back full, up to a cap, and falls
-        # back once caught up. Memory stays bounded: the server's result spills to disk past
-        # work_mem and the client streams it in chunks.
-        limit = max_changes
+        # transaction; see _nudge): a fixed cost per round that small peeks cannot amortise
+        # while there is a backlog. So the window doubles while peeks come back full, up to a
+        # cap, and falls back once caught up. Memory stays bounded: the server's result spills
+        # to disk past work_mem and the client streams it in chunks.
+        window = max_changes
         publication = _publication_arg(opts.publication)
         with self._lock:
             # After a reconnect, restart from what the run loop acknowledged, not from what was
@@ -1107,7 +1164,7 @@ class PostgresLogicalSource:
             # The checkpoint is ahead of the slot (a crash between saving it and advancing):
             # what lies before it is already in Redis, so the slot may move there now.
             self.ack(make_position(delivered))
-        awaiting = 0  # the highest position yielded, which the run loop has yet to ack
+        yielded = _Yielded()
         # Caught up means every commit acknowledged to a client before the first quiet peek
         # has been delivered. Logical decoding only sees flushed WAL, and with
         # synchronous_commit off a commit returns before its WAL is flushed, so "the peek was
@@ -1120,28 +1177,63 @@ class PostgresLogicalSource:
         settled = False
         async_window = self._async_commit_window(session)
         last_beat = time.monotonic()
+        last_advance = -_ADVANCE_INTERVAL_S
+        busy = False  # the last peek brought new transactions or was full
+        truncated = False
+        last_peek = 0.0
+        cycle = min(_BUSY_CYCLE_S, opts.poll_interval_s)
+        quiet_wait = 0.0
         while not self._closing.is_set():
-            self._advance(session)
-            if awaiting > session.confirmed:
-                # Everything up to ``awaiting`` was handed over; peeking again before the run
-                # loop acks it would only decode the same transactions to skip them.
-                self._wake.wait(opts.poll_interval_s)
-                self._wake.clear()
-                continue
-            # Captured before the peek. If the peek then returns nothing, no published change
-            # committed before this point is still undelivered, so the slot may advance here:
-            # the peek decodes every record that starts before the WAL flushed at its own
+            # The run loop is far behind what was yielded (a backlog): wait until the rows it
+            # still has to apply are few enough that the next peek, which returns them again,
+            # is mostly new ones, but not so few that it runs dry while the server decodes.
+            ahead = max(max_changes, window // 4)
+            self._wake.clear()
+            while yielded.after(self._acked_lsn()) > ahead:
+                if self._wake.wait(opts.poll_interval_s):
+                    self._wake.clear()
+                if self._closing.is_set():
+                    return
+            now = time.monotonic()
+            acked = self._acked_lsn()
+            if acked > session.confirmed and (
+                not busy
+                or now - last_advance >= _ADVANCE_INTERVAL_S
+                or yielded.after(session.confirmed) - yielded.after(acked) >= window // 2
+            ):
+                self._advance(session)
+                last_advance = now
+            yielded.release(session.confirmed)
+            # Captured before the peek. If the peek then returns nothing new, no published
+            # change committed before this point is still undelivered, so the slot may advance
+            # here: the peek decodes every record that starts before the WAL flushed at its own
             # start, which is at or after this point, and the slot skips exactly the
             # transactions whose commit record starts before its new position. A transaction
             # committing later has its commit record after this point and is decoded later
             # (the slot keeps its restart_lsn before any transaction still running). The
             # flush LSN, not pg_current_wal_lsn(): WAL written but not yet flushed is beyond
             # what the peek reads, and advancing past it could skip a commit in it.
-            flushed, inserted = self._wal_lsns(session)
+            if busy:
+                # Changes are flowing: this peek will most likely bring more, and then these
+                # are not needed; if not, the next (quiet) round captures them.
+                flushed = inserted = 0
+            else:
+                flushed, inserted = self._wal_lsns(session)
+            if not truncated:
+                self._nudge(session, max(flushed, decoder.last_commit_end))
             peeked_at = time.monotonic()
+            if busy and peeked_at - last_peek < cycle:
+                if self._closing.wait(cycle - (peeked_at - last_peek)):
+                    return
+                peeked_at = time.monotonic()
+            last_peek = peeked_at
             decoder.reset()
             decoder.skip_before = delivered
             decoder.last_commit_end = 0
+            decoder.skipped = 0
+            # What the slot still holds before ``delivered`` comes again: the limit makes room.
+            limit = window + yielded.after(session.confirmed)
+            base = yielded.rows
             rows = 0
             yielded_tx = False
             with session.conn.cursor() as cur:
@@ -1156,7 +1248,8 @@ class PostgresLogicalSource:
                     if item is None:
                         continue
                     if item.position is not None:
-                        delivered = awaiting = item.position.version
+                        delivered = item.position.version
+                        yielded.mark(delivered, base + rows - decoder.skipped)
                         yielded_tx = True
                     yield item
                     if self._closing.is_set():
@@ -1164,21 +1257,27 @@ class PostgresLogicalSource:
             if decoder.in_transaction:
                 raise ProtocolError("a peek ended inside a transaction")
             truncated = rows >= limit
+            nothing_new = rows == decoder.skipped
+            unmeasured = not flushed
+            busy = yielded_tx or truncated
             now = time.monotonic()
-            if yielded_tx or truncated:
+            if busy:
                 settle, settled = None, False
+            elif unmeasured:
+                continue  # a quiet round without the WAL positions: the next one has them
             else:
                 if settle is None:
                     settle = (inserted, peeked_at)
                 settled = settled or flushed >= settle[0] or now - settle[1] >= async_window
             caught_up = settled
-            limit = min(limit * 2, max(max_changes, _GROWN_LIMIT)) if truncated else max_changes
-            end = flushed if rows == 0 else decoder.last_commit_end
+            window = min(window * 2, max(max_changes, _GROWN_LIMIT)) if truncated else max_changes
+            end = flushed if nothing_new and not truncated else decoder.last_commit_end
             if yielded_tx:
                 last_beat = now
                 if end > delivered:
                     # Irrelevant commits after the last transaction of ours: pass them too.
-                    delivered = awaiting = end
+                    delivered = end
+                    yielded.mark(end, base + rows - decoder.skipped)
                     yield Heartbeat(make_position(end), caught_up=False)
                 continue
             move = end > delivered and (
@@ -1187,14 +1286,124 @@ class PostgresLogicalSource:
                 or end - session.confirmed >= _ADVANCE_AFTER_BYTES
             )
             if move:
-                delivered = awaiting = end
+                delivered = end
+                yielded.mark(end, base + rows - decoder.skipped)
                 last_beat = now
                 yield Heartbeat(make_position(end), caught_up=caught_up)
             else:
                 yield Heartbeat(None, caught_up=caught_up)
-            # Idle, or (should the slot refuse to move) stuck: either way, do not spin.
-            if (caught_up or not move) and self._closing.wait(opts.poll_interval_s):
+            if truncated:
+                quiet_wait = 0.0
+                continue
+            # Quiet: poll again soon (a pause between two commits is often short), then less
+            # and less often, up to poll_interval once idle.
+            quiet_wait = min(opts.poll_interval_s, max(_FIRST_POLL_S, quiet_wait * 2))
+            if self._closing.wait(quiet_wait):
                 return
+
+    def _acked_lsn(self) -> int:
+        with self._lock:
+            return self._acked
+
+    def _nudge(self, session: _Session, flushed: int) -> None:
+        """Have the server log a running-transactions record, so the slot's restart point moves.
+
+        Each peek and advance decodes from the slot's restart_lsn, which only moves to a
+        running-transactions record the slot has decoded (and whose position it confirmed).
+        The server logs one every 15 s of activity, so at a steady write rate every peek
+        re-reads up to 15 s of WAL, and a round of peek and advance costs tens of milliseconds
+        more than the new changes do. While the stream follows the head of the WAL, this logs
+        one about every ``_NUDGE_INTERVAL_S``: with ``pg_log_standby_snapshot()`` where the
+        server has it (16+) and the role may run it, otherwise by creating a temporary logical
+        slot, which logs that record first thing (its name says whose; it is dropped at once,
+        and at most ``_NUDGE_TIMEOUT_MS`` is spent waiting for running transactions, as the
+        record is already written then). A failure other than that timeout stops nudging for
+        good; streaming never depends on it.
+        """
+        if self._nudge_mode is None or flushed - session.nudged_lsn < _NUDGE_MIN_BYTES:
+            return
+        now = time.monotonic()
+        if now < session.nudge_at:
+            return
+        conn = session.conn
+        try:
+            if self._nudge_mode == "snapshot":
+                conn.execute("SELECT pg_catalog.pg_log_standby_snapshot()")
+            else:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL statement_timeout = {_NUDGE_TIMEOUT_MS}")
+                    conn.execute(
+                        "SELECT pg_catalog.pg_create_logical_replication_slot("
+                        "%s::name, 'pgoutput', true)",
+                        (session.nudge_slot,),
+                    )
+                    conn.execute(
+                        "SELECT pg_catalog.pg_drop_replication_slot(%s::name)",
+                        (session.nudge_slot,),
+                    )
+        except psycopg.errors.QueryCanceled:
+            if self._closing.is_set():
+                raise
+            # Running transactions kept it waiting (the record is logged all the same); a long
+            # one also holds the restart point back, so there is less to gain for a while.
+            session.nudge_every = min(session.nudge_every * 2, _NUDGE_MAX_INTERVAL_S)
+        except psycopg.Error as exc:
+            if self._closing.is_set() or conn.broken or conn.closed:
+                raise
+            log.warning(
+                "restart_point_nudge_disabled",
+                source=kind,
+                name=self.options.name,
+                how=self._nudge_mode,
+                error=error_text(exc, self.options),
+                effect="each peek decodes up to 15 s of WAL again: more lag at high write rates",
+            )
+            self._nudge_mode = None
+            return
+        else:
+            session.nudge_every = _NUDGE_INTERVAL_S
+        session.nudged_lsn = flushed
+        session.nudge_at = time.monotonic() + session.nudge_every
+
+
+class _Yielded:
+    """How many peek rows each yielded position took, for the positions the slot has not passed.
+
+    A peek returns everything after the slot's position, so what was yielded but not yet acked
+    and advanced over comes again (and is skipped): ``after(lsn)`` counts those rows, which is
+    how much larger a peek's limit must be to bring new changes, and how far ahead of the run
+    loop the stream is. ``rows`` counts every new (not skipped) peek row yielded so far.
+    """
+
+    __slots__ = ("_base", "_lsns", "_rows", "_start", "rows")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self._lsns: list[int] = []
+        self._rows: list[int] = []
+        self._start = 0
+        self._base = 0
+
+    def mark(self, lsn: int, rows: int) -> None:
+        """``lsn`` was yielded after ``rows`` new rows in all."""
+        self.rows = rows
+        self._lsns.append(lsn)
+        self._rows.append(rows)
+
+    def after(self, lsn: int) -> int:
+        """New rows yielded after position ``lsn``."""
+        i = bisect.bisect_right(self._lsns, lsn, self._start)
+        return self.rows - (self._rows[i - 1] if i > self._start else self._base)
+
+    def release(self, lsn: int) -> None:
+        """Forget the positions up to ``lsn`` (the slot is there now)."""
+        i = bisect.bisect_right(self._lsns, lsn, self._start)
+        if i > self._start:
+            self._base = self._rows[i - 1]
+            self._start = i
+            if i >= 4096 and 2 * i >= len(self._lsns):
+                del self._lsns[:i], self._rows[:i]
+                self._start = 0
 
 
 def preflight(options: PostgresOptions, *, resuming: bool = False) -> None:

@@ -463,6 +463,122 @@ def test_slot_advances_only_on_ack(postgres: PostgresServer, pg_db: PgDb) -> Non
     assert later.position_available(tx.position).ok
 
 
+def test_peeks_go_on_before_the_run_loop_acks(postgres: PostgresServer, pg_db: PgDb) -> None:
+    db, conn = pg_db
+    _items_table(conn)
+    options = _options(postgres, db)
+    source = _ready(options)
+    start = source.initial_position()
+    conn.execute("SET synchronous_commit = on")
+    conn.execute("INSERT INTO items VALUES (1, 'a', 1)")
+    with _Streamer(source, start, auto_ack=False) as streamer:
+        [first] = streamer.transactions(1)
+        # Nothing is acknowledged: later commits still arrive, each once, and the slot stays.
+        conn.execute("INSERT INTO items VALUES (2, 'b', 2)")
+        conn.execute("INSERT INTO items VALUES (3, 'c', 3)")
+        second, third = streamer.transactions(2)
+        assert _rows(second) == [(Op.INSERT, None, {"id": 2, "name": "b", "qty": 2})]
+        assert _rows(third) == [(Op.INSERT, None, {"id": 3, "name": "c", "qty": 3})]
+        # Two more quiet rounds re-read all three from the slot: none is yielded again.
+        assert _txs(streamer.caught_up()) == []
+        assert _txs(streamer.caught_up()) == []
+        assert _confirmed(conn, options.slot) == start.version
+        assert third.position is not None
+        source.ack(third.position)
+        _wait_for(
+            "the slot to follow the ack",
+            lambda: _confirmed(conn, options.slot) == third.position.version,  # type: ignore[union-attr]
+        )
+        conn.execute("INSERT INTO items VALUES (4, 'd', 4)")
+        [fourth] = streamer.transactions(1)
+    assert [t.position.version for t in (first, second, third, fourth) if t.position] == sorted(
+        {t.position.version for t in (first, second, third, fourth) if t.position}
+    )
+    assert _rows(fourth) == [(Op.INSERT, None, {"id": 4, "name": "d", "qty": 4})]
+
+
+def test_a_run_loop_behind_holds_the_stream_back_and_loses_nothing(
+    postgres: PostgresServer, pg_db: PgDb
+) -> None:
+    db, conn = pg_db
+    _items_table(conn)
+    # Small peeks, so a few transactions are already "far ahead" of a run loop that never acks.
+    options = _options(postgres, db, max_changes=6)
+    source = _ready(options)
+    start = source.initial_position()
+    count = 60
+    conn.execute("SET synchronous_commit = on")
+    for i in range(count):
+        conn.execute("INSERT INTO items VALUES (%s, 'x', %s)", (i, i))
+    seen: list[int] = []
+    last: Position | None = None
+    with _Streamer(source, start, auto_ack=False) as streamer:
+        while len(seen) < count:
+            # Acks lag behind: every fifth transaction, or when nothing more comes because the
+            # stream waits for them (the run loop acks everything it applied, eventually).
+            try:
+                [tx] = streamer.transactions(1, timeout=1.0)
+            except AssertionError:
+                assert last is not None, "nothing arrived at all"
+                source.ack(last)
+                continue
+            seen += [c.after["id"] for c in tx.changes if c.after]
+            last = tx.position
+            assert last is not None
+            if len(seen) % 5 == 0:
+                source.ack(last)
+        assert last is not None
+        source.ack(last)
+        assert _txs(streamer.caught_up()) == []
+    assert seen == list(range(count))
+
+
+def test_restart_point_nudge_logs_running_transactions_and_leaves_no_slot(
+    postgres: PostgresServer, pg_db: PgDb
+) -> None:
+    db, conn = pg_db
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    except psycopg.Error as exc:
+        pytest.skip(f"pg_walinspect is not available: {exc}")
+    _items_table(conn)
+    options = _options(postgres, db)
+    source = _ready(options)
+    session = source._open_session(source.initial_position().version, True)
+    try:
+
+        def running_xacts_records(since: int) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_get_wal_records_info_till_end_of_wal(%s::pg_lsn) "
+                "WHERE record_type = 'RUNNING_XACTS'",
+                (format_lsn(since),),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        before = _written_lsn(conn)
+        # A transaction running meanwhile makes the temporary slot wait, up to the timeout.
+        with postgres.connect(db) as other, other.transaction():
+            other.execute("INSERT INTO other VALUES (1, 'open')")
+            source._nudge(session, before + 10**9)
+        assert running_xacts_records(before) >= 1
+        assert session.nudge_at > 0
+        # It never lingers: only the source's own slot is left.
+        slots = conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall()
+        assert slots == [(options.slot,)]
+
+        # A failure other than the timeout stops nudging, with a warning, and nothing else.
+        session.nudge_slot = "not a valid slot name!"
+        session.nudge_at = 0.0
+        with structlog.testing.capture_logs() as logs:
+            source._nudge(session, before + 2 * 10**9)
+            source._nudge(session, before + 3 * 10**9)
+        assert [e["event"] for e in logs] == ["restart_point_nudge_disabled"]
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (1,)
+    finally:
+        source._end_session(session)
+        source.close()
+
+
 def test_checkpoint_ahead_of_slot_skips_what_it_covers(
     postgres: PostgresServer, pg_db: PgDb
 ) -> None:

@@ -20,6 +20,7 @@ from connectors.postgres_common import PostgresOptions, old_image_columns, trans
 from connectors.postgres_logical import (
     PgOutputDecoder,
     ProtocolError,
+    _Yielded,
     describe_position,
     format_lsn,
     human_bytes,
@@ -270,6 +271,40 @@ def test_transactions_before_skip_point_are_skipped_but_relations_are_kept() -> 
     )
     assert [tx.changes[0].after["id"] for tx in out if tx.changes[0].after] == [2]
     assert decoder.last_commit_end == 0x6200
+
+
+def test_skipped_messages_are_counted() -> None:
+    decoder = make_decoder()
+    decoder.skip_before = 0x6100
+    messages = [begin(0x6000), ITEMS_REL, insert(16001, [1, "a", "1"]), commit(0x6100)]
+    messages += [begin(0x6100), insert(16001, [2, "b", "2"]), commit(0x6200)]
+    feed_all(decoder, messages)
+    # Begin, the row and Commit of the first transaction; the Relation message is always read.
+    assert decoder.skipped == 3
+
+
+def test_yielded_rows_are_counted_per_position_until_the_slot_passes_them() -> None:
+    yielded = _Yielded()
+    assert yielded.after(0) == 0
+    for lsn, rows in ((0x100, 3), (0x200, 7), (0x300, 7), (0x400, 12)):
+        yielded.mark(lsn, rows)
+    assert yielded.rows == 12
+    assert [yielded.after(lsn) for lsn in (0, 0x100, 0x1FF, 0x200, 0x300, 0x400)] == [
+        12,
+        9,
+        9,
+        5,
+        5,
+        0,
+    ]
+    yielded.release(0x250)
+    assert yielded.after(0x200) == 5
+    assert yielded.after(0x400) == 0
+    for i in range(5000):
+        yielded.mark(0x500 + i, 13 + i)
+    yielded.release(0x500 + 4000)  # compacts
+    assert yielded.after(0x500 + 4000) == 999
+    assert yielded.after(0) == 999  # everything before the slot counts from where it is
 
 
 def test_large_transaction_is_chunked_with_position_on_last_chunk_only() -> None:
