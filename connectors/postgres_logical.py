@@ -1058,7 +1058,7 @@ class PostgresLogicalSource:
             )
             session = _Session(conn, catalog, decoder, info.confirmed)
             session.nudge_slot = f"cache_worker_nudge_{conn.info.backend_pid}"
-            if self._nudge_mode is not None and _can_log_standby_snapshot(conn):
+            if self._nudge_mode == "slot" and _can_log_standby_snapshot(conn):
                 self._nudge_mode = "snapshot"
         except BaseException:
             close_quietly(conn)
@@ -1317,8 +1317,8 @@ class PostgresLogicalSource:
         server has it (16+) and the role may run it, otherwise by creating a temporary logical
         slot, which logs that record first thing (its name says whose; it is dropped at once,
         and at most ``_NUDGE_TIMEOUT_MS`` is spent waiting for running transactions, as the
-        record is already written then). A failure other than that timeout stops nudging for
-        good; streaming never depends on it.
+        record is already written then). A failure other than that timeout falls back from the
+        function to the slot, and from the slot to not nudging; streaming never depends on it.
         """
         if self._nudge_mode is None or flushed - session.nudged_lsn < _NUDGE_MIN_BYTES:
             return
@@ -1358,7 +1358,8 @@ class PostgresLogicalSource:
                 error=error_text(exc, self.options),
                 effect="each peek decodes up to 15 s of WAL again: more lag at high write rates",
             )
-            self._nudge_mode = None
+            # pg_log_standby_snapshot() refused: the temporary slot may still work.
+            self._nudge_mode = "slot" if self._nudge_mode == "snapshot" else None
             return
         else:
             session.nudge_every = _NUDGE_INTERVAL_S
