@@ -1058,33 +1058,62 @@ class PostgresNotifySource:
         return False
 
     def _consume(self, session: _Session, state: _StreamState) -> Iterator[SourceItem]:
+        """Batches in a loop: lock, read, hand over, wait for the ack, delete, commit.
+
+        The statements of each step go to the server as one pipeline (one round trip, not one
+        per statement), and the delete and commit of an acknowledged batch travel with the
+        reads of the next one. Round trips are what a woken consumer spends its time on before
+        a change reaches Redis, and what the run loop waits for between batches.
+        """
         conn = session.conn
         opts = self.options
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(opts.channel)))
-        while not self._closing.is_set():
+        done: list[int] | None = None  # an acknowledged batch, deleted with the next read
+        while True:
             # Notifications that arrived while the last batch was handled are covered by the
             # SELECT below; draining them first saves an empty round after it.
             for _ in conn.notifies(timeout=0):
                 pass
-            conn.execute("BEGIN")
-            locked = conn.execute(
-                "SELECT pg_try_advisory_xact_lock(%s)", (self._batch_lock_key,)
-            ).fetchone()
+            closing = self._closing.is_set()
+            if closing and done is None:
+                return
+            unlock = session.asleep and not closing
+            try:
+                with conn.pipeline():
+                    if done is not None:
+                        conn.execute(self._delete, (done,))
+                        conn.execute("COMMIT")
+                    if not closing:
+                        if unlock:
+                            # Awake: writers may skip their NOTIFY again. (Should the outbox
+                            # be empty after all, _sleep takes the lock again.)
+                            conn.execute("SELECT pg_advisory_unlock(%s)", (self._sleep_lock_key,))
+                        conn.execute("BEGIN")
+                        locking = conn.execute(
+                            "SELECT pg_try_advisory_xact_lock(%s)", (self._batch_lock_key,)
+                        )
+                        reading = conn.execute(self._select, (opts.outbox_batch,))
+            finally:
+                if done is not None:
+                    done = None
+                    with self._ack:
+                        self._pending = None
+                        self._ack.notify_all()
+            if closing:
+                return
+            if unlock:
+                session.asleep = False
+            locked = locking.fetchone()
             if locked is None or not locked[0]:
                 # Only possible when the session lock is not ours alone (a transaction pool).
                 conn.execute("ROLLBACK")
-                self._sleep(session)
+                self._sleep(session, commit=False)
                 continue
-            rows = conn.execute(self._select, (opts.outbox_batch,)).fetchall()
+            rows = reading.fetchall()
             if not rows:
-                conn.execute("COMMIT")
                 yield Heartbeat(None, caught_up=True)
-                self._sleep(session)
+                self._sleep(session, commit=True)
                 continue
-            if session.asleep:
-                # Awake: writers may skip their NOTIFY again.
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self._sleep_lock_key,))
-                session.asleep = False
             session.refreshed.clear()
             items = self._transactions(session, rows, state)
             last: Position | None = None
@@ -1093,62 +1122,75 @@ class PostgresNotifySource:
                 last = item.position
             if last is not None and not self._wait_for_ack(last):
                 return
-            ids = [row[0] for row in rows]
-            try:
-                conn.execute(self._delete, (ids,))
-                conn.execute("COMMIT")
-            finally:
-                with self._ack:
-                    self._pending = None
-                    self._ack.notify_all()
+            done = [row[0] for row in rows]
             log.debug(
                 "outbox_batch_consumed",
-                rows=len(ids),
-                first_id=ids[0],
-                last_id=ids[-1],
+                rows=len(done),
+                first_id=done[0],
+                last_id=done[-1],
                 transactions=len(items),
             )
 
-    def _sleep(self, session: _Session) -> None:
+    def _sleep(self, session: _Session, commit: bool) -> None:
         """Idle until a NOTIFY, ``poll_interval_s`` (the safety net) or close().
 
         First takes the sleep lock (see ``capture_function_sql``), waiting for writers that
         skipped their NOTIFY to commit, then looks at the outbox once more: their rows are
         visible now. The wait for the lock is sliced, so a long open writer transaction only
         delays sleeping; writers notify meanwhile (they queue behind our lock request).
+        ``commit``: the empty batch's transaction is still open (it ends in the same round trip).
         """
         conn = session.conn
         deadline = time.monotonic() + self.options.poll_interval_s
         while not self._closing.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                break
             wait = min(remaining, _WAIT_SLICE_S)
             if not session.asleep:
-                session.asleep = self._take_sleep_lock(conn, wait)
-                if session.asleep:
-                    found = conn.execute(self._pending_rows).fetchone()
-                    if found is not None and found[0]:
+                found = self._take_sleep_lock(conn, wait, commit)
+                commit = False
+                if found is not None:
+                    session.asleep = True
+                    if found:
                         return
                     continue
                 wait = 0.0
             for _ in conn.notifies(timeout=wait, stop_after=1):
                 return
+        if commit:
+            conn.execute("COMMIT")
 
-    def _take_sleep_lock(self, conn: psycopg.Connection[Any], wait_s: float) -> bool:
-        conn.execute("BEGIN")
+    def _take_sleep_lock(
+        self, conn: psycopg.Connection[Any], wait_s: float, commit: bool
+    ) -> bool | None:
+        """Take the sleep lock within ``wait_s``, then look at the outbox: whether rows wait
+        there (None: the lock was not free in time). ``commit`` ends the open transaction first.
+
+        Nothing here is a prepared statement: when the lock times out, the server skips the
+        rest of the pipeline, a statement psycopg meant to prepare there included, and its
+        prepared-statement cache would then name one the server never made.
+        """
         try:
-            conn.execute(
-                "SELECT set_config('lock_timeout', %s, true)", (f"{max(1, int(wait_s * 1000))}ms",)
-            )
-            # Session-level: it outlives this transaction, which only scopes lock_timeout.
-            conn.execute("SELECT pg_advisory_lock(%s)", (self._sleep_lock_key,))
+            with conn.pipeline():
+                if commit:
+                    conn.execute("COMMIT", prepare=False)
+                conn.execute("BEGIN", prepare=False)
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (f"{max(1, int(wait_s * 1000))}ms",),
+                    prepare=False,
+                )
+                # Session-level: it outlives this transaction, which only scopes lock_timeout.
+                conn.execute("SELECT pg_advisory_lock(%s)", (self._sleep_lock_key,), prepare=False)
+                conn.execute("COMMIT", prepare=False)
+                found = conn.execute(self._pending_rows, prepare=False)
         except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
             # QueryCanceled: a statement_timeout shorter than our lock wait ended it first.
             conn.execute("ROLLBACK")
-            return False
-        conn.execute("COMMIT")
-        return True
+            return None
+        row = found.fetchone()
+        return bool(row is not None and row[0])
 
     def _covered(self, target: Position) -> bool:
         return self._acked is not None and self._acked.version >= target.version
