@@ -105,9 +105,9 @@ _FIRST_POLL_S = 0.005
 # this much WAL was written since the last one; backing off to the maximum while running
 # transactions make it wait longer than the timeout.
 _NUDGE_INTERVAL_S = 0.5
-_NUDGE_MAX_INTERVAL_S = 16.0
+_NUDGE_MAX_INTERVAL_S = 4.0
 _NUDGE_MIN_BYTES = 64 * 1024
-_NUDGE_TIMEOUT_MS = 50
+_NUDGE_TIMEOUT_MS = 20
 _PG_EPOCH_OFFSET_S = 946_684_800  # 2000-01-01 (Postgres timestamps) minus 1970-01-01
 
 _U8 = struct.Struct(">B")
