@@ -153,7 +153,11 @@ def _run(
         progress_interval_s=settings.log.progress_interval,
         retry_max_backoff_s=settings.batch.retry_max_backoff,
         poison_retries=settings.batch.poison_retries,
-        checkpoint_interval_s=settings.checkpoint.interval,
+        # Postgres sources release their slot or outbox rows only on an ack, which follows the
+        # saved checkpoint; a slower checkpoint would hold them back, so they save every batch.
+        checkpoint_interval_s=(
+            settings.checkpoint.interval if settings.source.kind == "mysql" else 0.0
+        ),
         max_transactions=max_transactions,
         until_idle=until_idle,
     )

@@ -48,9 +48,10 @@ class RunOptions:
     retry_max_backoff_s: float = 30.0
     poison_retries: int = 3
     poison_backoff_s: float = 0.1
-    # While changes stream, the position is saved at most this often (and always when caught up
-    # and on the way out): a crash replays at most this much, which versioned writes make
-    # harmless, and a busy stream stops paying a durable write per batch. 0: every batch.
+    # While changes stream, the position is saved (and then acked to the source) at most this
+    # often, and always when caught up and on the way out: a crash replays at most this much,
+    # which versioned writes make harmless, and a busy stream stops paying a durable write per
+    # batch. 0: every batch.
     checkpoint_interval_s: float = 0.0
     stop_grace_s: float = 5.0
     max_transactions: int | None = None
@@ -386,9 +387,6 @@ class Runner:
         position = batch.position
         latest = self._unsaved or self._saved
         if position is not None and (latest is None or latest < position):
-            # The source may release what Redis now has (a slot, outbox rows) right away; only
-            # our own checkpoint waits for its interval.
-            self.source.ack(position)
             self._unsaved = position
         if batch.caught_up:
             self._save_checkpoint()
@@ -418,6 +416,9 @@ class Runner:
         self._retry("save_checkpoint", lambda: self.checkpoints.save(position))
         self._saved, self._unsaved = position, None
         self._saved_at = time.monotonic()
+        # Only now may the source release what precedes it (a slot, outbox rows): a source
+        # ahead of the saved checkpoint would look, after a crash, like one that lost data.
+        self.source.ack(position)
 
     def _maybe_save_checkpoint(self) -> None:
         if (
@@ -443,6 +444,10 @@ class Runner:
             )
             return
         self._saved, self._unsaved = position, None
+        try:
+            self.source.ack(position)
+        except Exception as exc:
+            log.warning("source_ack_failed", error_class=type(exc).__name__, error=str(exc))
 
     # -- the loop --------------------------------------------------------------------------
 
