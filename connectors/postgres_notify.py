@@ -73,9 +73,14 @@ CHECK_PRIVILEGES = "outbox privileges"
 OUTBOX_TABLE = "outbox"
 _FUNCTION_PREFIX = "capture_"
 _OPS = {"insert": Op.INSERT, "update": Op.UPDATE, "delete": Op.DELETE, "truncate": Op.TRUNCATE}
-# Trigger names: "row" and "truncate" are created; insert, update and delete are the statement
-# triggers of older versions, still dropped by setup (and accepted by the checks until then).
+# Transition table names inside the capture functions; not visible outside a trigger call.
+_OLD_TABLE = "cache_worker_old"
+_NEW_TABLE = "cache_worker_new"
+# Trigger names by operation; "row" is the INSERT OR UPDATE OR DELETE row trigger of older
+# versions, still dropped by setup (and accepted by the checks until then).
 _TRIGGER_OPS = ("insert", "update", "delete", "truncate", "row")
+# The statement-level triggers the first release installed for a table with a primary key.
+_CAPTURE_OPS = ("insert", "update", "delete", "truncate")
 _IMAGE_COLUMNS = ("old", "new")
 
 # Waits are sliced so a close() that could not interrupt the socket still ends them soon.
@@ -248,21 +253,25 @@ def _dollar_quote(body: str) -> str:
 def capture_function_sql(options: PostgresOptions, table: TableRef) -> sql.Composed:
     """``CREATE OR REPLACE FUNCTION`` of the table's capture function.
 
-    It serves the row-level trigger (INSERT, UPDATE, DELETE) and the statement-level TRUNCATE
-    trigger with one branch-free body: one outbox ``INSERT ... VALUES`` per changed row, with
-    ``row_to_json`` of OLD and NEW (NULL where the operation has none). A single-row statement,
-    what most applications run, costs one plpgsql call and one small insert; statement-level
-    triggers with transition tables cost about twice as much there (the transition tuplestores and
-    an ``INSERT ... SELECT`` over a hash join of old and new rows), though they win on bulk
-    statements. An UPDATE that changed the primary key arrives as one row with both images; the
-    consumer turns it into a delete and an insert.
+    One function serves all of the table's triggers (see ``trigger_sql``); each changed row
+    becomes one outbox row with ``row_to_json`` images. UPDATE is a row-level trigger: one
+    plpgsql call and one small ``INSERT ... VALUES`` per row. A statement-level UPDATE trigger
+    with transition tables costs a single-row UPDATE, what most applications run, about twice
+    as much: the transition tuplestores and an ``INSERT ... SELECT`` over a hash full join of old
+    and new rows, needed to pair them by key. INSERT and DELETE need no pairing, so their
+    statement-level triggers read one transition table each: about as cheap as a row trigger
+    for one row, and a bulk statement costs one call and one insert instead of one per row.
+    (A partitioned table has row-level triggers for all three, see ``trigger_sql``.) An UPDATE
+    that changed the primary key arrives as one row with both images; the consumer turns it
+    into a delete and an insert. An empty statement writes nothing and does not notify.
 
     It runs as its owner (SECURITY DEFINER), so the application needs no privilege on the
     outbox. Such a function must not resolve any name through the caller's search_path, or the
-    caller could slip it a function of its own; the usual ``SET search_path`` clause does that,
-    but swapping the setting in and out on every call costs a single-row write about a tenth of
-    its throughput. So every name in the body is schema-qualified instead (the outbox, each
-    function; the body uses no operator and no type name), which leaves nothing to resolve.
+    caller could slip it a function or operator of its own; the usual ``SET search_path`` clause
+    does that, but swapping the setting in and out on every call costs a single-row write about
+    a tenth of its throughput. So every name in the body is schema-qualified instead (the
+    outbox, each function and operator; it names no type), which leaves nothing to resolve: the
+    transition tables are found before any relation of the search_path.
 
     NOTIFY is costly at commit: Postgres serialises the commits of all notifying transactions
     of the cluster behind one lock (and their WAL flushes with it). So a writer notifies only
@@ -273,20 +282,37 @@ def capture_function_sql(options: PostgresOptions, table: TableRef) -> sql.Compo
     waiting for the poll. Under load the consumer is rarely asleep and writers rarely notify.
     Later rows of the same transaction find the lock in their backend's own lock table.
     """
+
+    def insert(images: str) -> sql.Composable:
+        columns = sql.SQL("op, table_schema, table_name{}").format(sql.SQL(images))
+        return sql.SQL("INSERT INTO {} ({})\n    ").format(_outbox(options), columns)
+
     body = sql.SQL(
         "\nBEGIN\n"
-        "  INSERT INTO {outbox} (op, table_schema, table_name, old, new)\n"
-        "  VALUES (pg_catalog.lower(TG_OP), {s}, {t},\n"
-        "          pg_catalog.row_to_json(OLD), pg_catalog.row_to_json(NEW));\n"
-        "  IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({key}) THEN\n"
+        "  IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN\n"
+        "    {both}VALUES (pg_catalog.lower(TG_OP), {s}, {t},\n"
+        "            pg_catalog.row_to_json(OLD), pg_catalog.row_to_json(NEW));\n"
+        "  ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN\n"
+        "    {new_only}SELECT 'insert', {s}, {t}, pg_catalog.row_to_json(n.*) FROM {new} AS n;\n"
+        "  ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN\n"
+        "    {old_only}SELECT 'delete', {s}, {t}, pg_catalog.row_to_json(o.*) FROM {old} AS o;\n"
+        "  ELSE  -- TRUNCATE (anything unforeseen, too: evicting the whole table is safe)\n"
+        "    {none}VALUES ('truncate', {s}, {t});\n"
+        "  END IF;\n"
+        "  IF FOUND AND NOT pg_catalog.pg_try_advisory_xact_lock_shared({key}) THEN\n"
         "    PERFORM pg_catalog.pg_notify({channel}, '');\n"
         "  END IF;\n"
         "  RETURN NULL;\n"
         "END\n"
     ).format(
-        outbox=_outbox(options),
+        both=insert(", old, new"),
+        new_only=insert(", new"),
+        old_only=insert(", old"),
+        none=insert(""),
         s=sql.Literal(table.schema),
         t=sql.Literal(table.name),
+        old=sql.Identifier(_OLD_TABLE),
+        new=sql.Identifier(_NEW_TABLE),
         key=sql.Literal(sleep_lock_key(options.schema_name)),
         channel=sql.Literal(options.channel),
     )
@@ -313,12 +339,34 @@ class _BodyText(sql.Composable):
         return _dollar_quote(self._body.as_string(context)).encode(encoding)
 
 
-def trigger_sql(options: PostgresOptions, table: TableRef) -> list[sql.Composed]:
-    """Drop every capture trigger this schema may have left on ``table``, create the right ones:
-    a row-level trigger for INSERT, UPDATE and DELETE and a statement-level one for TRUNCATE.
+def trigger_specs(partitioned: bool) -> list[tuple[str, str, str]]:
+    """The capture triggers of a table: (name op, event, level), transition tables aside.
+
+    A regular table: statement-level INSERT and DELETE, row-level UPDATE (see
+    ``capture_function_sql``), statement-level TRUNCATE. A partitioned table gets one row-level
+    trigger for all three instead: an UPDATE that moves a row to another partition fires only
+    the partitions' row-level DELETE and INSERT triggers, no UPDATE row trigger and no DELETE or
+    INSERT statement trigger, so the mixed set would miss it.
+    """
+    if partitioned:
+        return [("row", "INSERT OR UPDATE OR DELETE", "ROW"), ("truncate", "TRUNCATE", "STATEMENT")]
+    return [
+        ("insert", "INSERT", "STATEMENT"),
+        ("update", "UPDATE", "ROW"),
+        ("delete", "DELETE", "STATEMENT"),
+        ("truncate", "TRUNCATE", "STATEMENT"),
+    ]
+
+
+def trigger_sql(
+    options: PostgresOptions, table: TableRef, partitioned: bool = False
+) -> list[sql.Composed]:
+    """Drop every capture trigger this schema may have left on ``table``, create the right ones
+    (``trigger_specs``).
 
     Dropping and creating in the one setup transaction leaves no moment without capture; the
-    drop also removes the statement-level triggers older versions created.
+    drop also removes what older versions created (a statement-level UPDATE trigger, a row
+    trigger for all three operations).
     """
     target = qualified(table)
     fn = sql.Identifier(options.schema_name, function_name(table))
@@ -326,16 +374,21 @@ def trigger_sql(options: PostgresOptions, table: TableRef) -> list[sql.Composed]
     statements: list[sql.Composed] = [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(names[op], target) for op in _TRIGGER_OPS
     ]
-    create = (
-        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH {level} EXECUTE FUNCTION {fn}()"
-    )
-    for op, event, level in (
-        ("row", "INSERT OR UPDATE OR DELETE", "ROW"),
-        ("truncate", "TRUNCATE", "STATEMENT"),
-    ):
+    referencing = {
+        "insert": f" REFERENCING NEW TABLE AS {_NEW_TABLE}",
+        "delete": f" REFERENCING OLD TABLE AS {_OLD_TABLE}",
+    }
+    create = "CREATE TRIGGER {name} AFTER {event} ON {table}{referencing} FOR EACH {level} "
+    create += "EXECUTE FUNCTION {fn}()"
+    for op, event, level in trigger_specs(partitioned):
         statements.append(
             sql.SQL(create).format(
-                name=names[op], event=sql.SQL(event), table=target, level=sql.SQL(level), fn=fn
+                name=names[op],
+                event=sql.SQL(event),
+                table=target,
+                referencing=sql.SQL(referencing.get(op, "") if level == "STATEMENT" else ""),
+                level=sql.SQL(level),
+                fn=fn,
             )
         )
     return statements
@@ -366,6 +419,17 @@ def primary_key(conn: psycopg.Connection[Any], table: TableRef) -> tuple[str, ..
     return tuple(str(r[0]) for r in rows)
 
 
+def table_kind(conn: psycopg.Connection[Any], table: TableRef) -> tuple[bool, bool] | None:
+    """(partitioned, has inheritance children) of a table, None if it is missing."""
+    row = conn.execute(
+        "SELECT c.relkind = 'p', c.relkind = 'r' AND c.relhassubclass "
+        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (table.schema, table.name),
+    ).fetchone()
+    return None if row is None else (bool(row[0]), bool(row[1]))
+
+
 @dataclass(frozen=True, slots=True)
 class InstalledTrigger:
     """A trigger whose function lives in the outbox schema."""
@@ -374,12 +438,14 @@ class InstalledTrigger:
     name: str
     function: str
     enabled: bool
+    row_level: bool = False
 
 
 def installed_triggers(conn: psycopg.Connection[Any], schema_name: str) -> list[InstalledTrigger]:
     """Every trigger, on any table, that calls a function of the outbox schema."""
     rows = conn.execute(
-        "SELECT tn.nspname, c.relname, t.tgname, p.proname, t.tgenabled "
+        "SELECT tn.nspname, c.relname, t.tgname, p.proname, t.tgenabled, "
+        "(t.tgtype::int & 1) = 1 "  # TRIGGER_TYPE_ROW
         "FROM pg_catalog.pg_trigger t "
         "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
         "JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace "
@@ -391,8 +457,8 @@ def installed_triggers(conn: psycopg.Connection[Any], schema_name: str) -> list[
     ).fetchall()
     # 'O' fires in normal sessions, 'A' always; 'D' is disabled and 'R' fires only on replicas.
     return [
-        InstalledTrigger(TableRef(str(s), str(r)), str(t), str(p), str(e) in ("O", "A"))
-        for s, r, t, p, e in rows
+        InstalledTrigger(TableRef(str(s), str(r)), str(t), str(p), str(e) in ("O", "A"), bool(w))
+        for s, r, t, p, e, w in rows
     ]
 
 
@@ -699,12 +765,22 @@ class PostgresNotifySource:
         missing: list[str] = []
         wanted_functions: set[str] = set()
         for table in opts.tables:
-            if primary_key(conn, table) is None:
+            kind = table_kind(conn, table)
+            if kind is None:
                 missing.append(str(table))
                 continue
+            partitioned, inherited = kind
+            if inherited:
+                log.warning(
+                    "outbox_inheritance_children",
+                    table=str(table),
+                    reason="the rows of its inheritance children are not captured when an UPDATE "
+                    "of this table changes them (row triggers do not fire for child rows), nor "
+                    "when a statement names a child table",
+                )
             wanted_functions.add(function_name(table))
             statements.append(capture_function_sql(opts, table))
-            statements.extend(trigger_sql(opts, table))
+            statements.extend(trigger_sql(opts, table, partitioned))
         if missing:
             raise SchemaError(
                 f"cannot capture changes of missing table(s) {', '.join(missing)} on {opts.target}"
@@ -874,8 +950,8 @@ class PostgresNotifySource:
 
     def _check_triggers(self, conn: psycopg.Connection[Any], table: TableRef) -> CheckResult:
         name = f"{CHECK_TRIGGERS} {table}"
-        key = primary_key(conn, table)
-        if key is None:
+        kind = table_kind(conn, table)
+        if kind is None:
             return CheckResult(name, False, f"table {table} does not exist")
         schema = self.options.schema_name
         ours = {
@@ -883,12 +959,17 @@ class PostgresNotifySource:
             for t in installed_triggers(conn, schema)
             if t.table == table and t.function == function_name(table)
         }
-        statement = [trigger_name(schema, op) for op in ("insert", "update", "delete")]
-        row = [trigger_name(schema, "row")]
-        truncate = [trigger_name(schema, "truncate")]
-        # Either set captures correctly; the statement-level one is what older versions of
-        # setup installed, and costs the application more on single-row writes.
-        for kind, wanted in (("row", row + truncate), ("statement", statement + truncate)):
+        partitioned = kind[0]
+        specs = trigger_specs(partitioned)
+        current = [trigger_name(schema, op) for op, _event, _level in specs]
+        row_level = {trigger_name(schema, op) for op, _event, level in specs if level == "ROW"}
+        older = [trigger_name(schema, op) for op in _CAPTURE_OPS]
+        if not partitioned:
+            older = [trigger_name(schema, op) for op in ("row", "truncate")]
+        # Either set captures correctly. What older versions of setup installed (the same
+        # names with a statement-level UPDATE trigger, or one row trigger for all three
+        # operations) costs the application more per write.
+        for wanted in (current, older):
             if all(w in ours for w in wanted):
                 disabled = [w for w in wanted if not ours[w].enabled]
                 if disabled:
@@ -898,15 +979,15 @@ class PostgresNotifySource:
                         f"trigger(s) {', '.join(disabled)} are disabled; ALTER TABLE ... "
                         f"ENABLE TRIGGER or {SETUP_HINT}",
                     )
-                if kind == "statement":
+                if wanted is older or any(ours[w].row_level != (w in row_level) for w in wanted):
                     return CheckResult(
                         name,
                         True,
-                        "statement-level capture triggers of an older setup present; they "
-                        f"capture correctly but cost more per write: {SETUP_HINT}",
+                        "capture triggers of an older setup present; they capture correctly "
+                        f"but cost more per write: {SETUP_HINT}",
                         warning=True,
                     )
-                return CheckResult(name, True, f"{kind}-level capture triggers present")
+                return CheckResult(name, True, "capture triggers present")
         present = sorted(ours)
         return CheckResult(
             name,
@@ -1311,6 +1392,8 @@ __all__: Sequence[str] = [
     "preflight",
     "primary_key",
     "sleep_lock_key",
+    "table_kind",
     "trigger_name",
+    "trigger_specs",
     "trigger_sql",
 ]

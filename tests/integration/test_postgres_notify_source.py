@@ -299,10 +299,9 @@ def test_setup_dry_run_executes_nothing_and_setup_is_idempotent(
     assert after_first["schemas"] == [SCHEMA]
     assert sorted(after_first["functions"]) == sorted([function_name(T), function_name(NOPK)])
     assert after_first["triggers"] == [
-        ("app", "nopk", trigger_name(SCHEMA, "row")),
-        ("app", "nopk", trigger_name(SCHEMA, "truncate")),
-        ("app", "t", trigger_name(SCHEMA, "row")),
-        ("app", "t", trigger_name(SCHEMA, "truncate")),
+        (table, name, trigger_name(SCHEMA, op))
+        for table, name in (("app", "nopk"), ("app", "t"))
+        for op in ("delete", "insert", "truncate", "update")
     ]
     # Setting up twice must not duplicate captured changes.
     db.execute("INSERT INTO app.t VALUES (1, 1, 'a')")
@@ -385,8 +384,18 @@ def test_setup_upgrades_statement_triggers_and_a_jsonb_outbox_keeping_its_rows(
     assert source.setup() == planned
     catalog = _catalog(db)
     assert catalog["triggers"] == [
-        ("app", "t", trigger_name(SCHEMA, "row")),
-        ("app", "t", trigger_name(SCHEMA, "truncate")),
+        ("app", "t", trigger_name(SCHEMA, op)) for op in ("delete", "insert", "truncate", "update")
+    ]
+    # Same names as before, but UPDATE is captured row by row now.
+    levels = db.execute(
+        "SELECT tgname, (tgtype::int & 1) = 1 FROM pg_trigger "
+        "WHERE tgrelid = 'app.t'::regclass AND NOT tgisinternal ORDER BY tgname"
+    ).fetchall()
+    assert [(str(n).rsplit("_", 1)[1], r) for n, r in levels] == [
+        ("delete", False),
+        ("insert", False),
+        ("truncate", False),
+        ("update", True),
     ]
     assert catalog["functions"] == [function_name(T)]
     # CREATE OR REPLACE also dropped the old function's SET search_path.
@@ -656,7 +665,7 @@ def test_primary_key_change_is_delete_plus_insert(
         assert (row["id"], row["v"], row["s"]) == final[key], f"stale value for key {key}"
 
 
-def test_table_without_primary_key_uses_row_triggers(
+def test_table_without_primary_key_is_captured(
     postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
 ) -> None:
     source = _setup(postgres, pg_db)
@@ -720,6 +729,92 @@ def test_bulk_update_is_captured_row_by_row_in_one_transaction_and_consumed_full
         f"\nupdated 10000 rows with capture in {updated:.2f}s; "
         f"consumed them in {elapsed:.2f}s ({10000 / elapsed:.0f} rows/s)"
     )
+
+
+def _calls(db: psycopg.Connection[Any], statement: str) -> int:
+    """How many times the capture function of app.t ran for ``statement``."""
+    query = "SELECT coalesce(pg_stat_get_xact_function_calls(%s::regproc), 0)"
+    fn = (f"{SCHEMA}.{function_name(T)}",)
+    with db.transaction():
+        # Counts not yet flushed from earlier transactions show here too: take the difference.
+        db.execute("SET LOCAL track_functions = 'pl'")
+        before = db.execute(query, fn).fetchone()
+        db.execute(statement)
+        after = db.execute(query, fn).fetchone()
+    assert before is not None and after is not None
+    return int(after[0]) - int(before[0])
+
+
+def test_bulk_insert_and_delete_are_one_trigger_call_each_and_empty_ones_write_nothing(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    source = _setup(postgres, pg_db, outbox_batch=1000)
+    assert (
+        _calls(db, "INSERT INTO app.t SELECT g, g, 's' || g FROM generate_series(1, 5000) g") == 1
+    )
+    assert _calls(db, "DELETE FROM app.t WHERE id % 2 = 0") == 1
+    listener = postgres.connect(pg_db)
+    try:
+        listener.execute(f"LISTEN {SCHEMA}")
+        assert _calls(db, "DELETE FROM app.t WHERE id < 0") == 1
+        assert _calls(db, "INSERT INTO app.t SELECT 1, 1, 'x' WHERE false") == 1
+        with _Streamer(source) as streamer:
+            changes = streamer.changes(7500)
+            streamer.heartbeat()
+            time.sleep(0.3)  # the consumer sleeps: a statement with rows would notify now
+            for _ in listener.notifies(timeout=0):
+                pass
+            assert _calls(db, "DELETE FROM app.t WHERE id < 0") == 1
+            assert list(listener.notifies(timeout=0.5)) == [], "an empty statement notified"
+            streamer.quiet(0.3)
+    finally:
+        listener.close()
+    inserted, deleted = changes[:5000], changes[5000:]
+    assert [(c.op, c.after["id"] if c.after else None) for c in inserted] == [
+        (Op.INSERT, i) for i in range(1, 5001)
+    ]
+    assert [(c.op, c.before["id"] if c.before else None) for c in deleted] == [
+        (Op.DELETE, i) for i in range(2, 5001, 2)
+    ]
+    assert deleted[0].before == {"id": 2, "v": 2, "s": "s2"}
+    assert len({c.version for c in changes}) == 7500
+    assert _outbox_count(db) == 0
+
+
+def test_partitioned_table_captures_rows_moving_between_partitions(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    """An UPDATE that moves a row to another partition fires neither UPDATE row triggers nor
+    INSERT/DELETE statement triggers, only the partitions' DELETE and INSERT row triggers:
+    a partitioned table is captured row by row for all three operations."""
+    part = TableRef("app", "part")
+    db.execute(
+        "CREATE TABLE app.part (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY LIST (k);"
+        "CREATE TABLE app.part1 PARTITION OF app.part FOR VALUES IN (1);"
+        "CREATE TABLE app.part2 PARTITION OF app.part FOR VALUES IN (2)"
+    )
+    source = _setup(postgres, pg_db, tables=(part,))
+    assert [t for t in _triggers(db) if t[1] == "part"] == [
+        ("app", "part", trigger_name(SCHEMA, "row")),
+        ("app", "part", trigger_name(SCHEMA, "truncate")),
+    ]
+    checks = {r.name: r for r in source.checks()}
+    assert checks[f"triggers {part}"].ok and not checks[f"triggers {part}"].warning
+    db.execute("INSERT INTO app.part VALUES (1, 1, 'a'), (2, 1, 'b')")
+    db.execute("UPDATE app.part SET v = 'b2' WHERE id = 2")
+    db.execute("UPDATE app.part SET k = 2 WHERE id = 1")
+    db.execute("DELETE FROM app.part WHERE id = 2")
+    with _Streamer(source) as streamer:
+        changes = streamer.changes(6)
+    assert _ops(changes) == [
+        (Op.INSERT, None, {"id": 1, "k": 1, "v": "a"}),
+        (Op.INSERT, None, {"id": 2, "k": 1, "v": "b"}),
+        (Op.UPDATE, {"id": 2, "k": 1, "v": "b"}, {"id": 2, "k": 1, "v": "b2"}),
+        (Op.DELETE, {"id": 1, "k": 1, "v": "a"}, None),
+        (Op.INSERT, None, {"id": 1, "k": 2, "v": "a"}),
+        (Op.DELETE, {"id": 2, "k": 1, "v": "b2"}, None),
+    ]
+    assert {c.table for c in changes} == {part}
 
 
 def test_new_column_after_ddl_is_decoded_with_its_type(
@@ -1053,7 +1148,7 @@ def test_checks_and_preflight_fail_without_setup_or_triggers(
     }
     preflight(source.options)
 
-    db.execute(f'DROP TRIGGER "{trigger_name(SCHEMA, "row")}" ON app.t')
+    db.execute(f'DROP TRIGGER "{trigger_name(SCHEMA, "update")}" ON app.t')
     results = {r.name: r for r in source.checks()}
     assert not results[f"triggers {T}"].ok
     assert "cache-worker setup" in results[f"triggers {T}"].detail
@@ -1062,7 +1157,7 @@ def test_checks_and_preflight_fail_without_setup_or_triggers(
         preflight(source.options)
 
     source.setup()
-    db.execute(f'ALTER TABLE app.nopk DISABLE TRIGGER "{trigger_name(SCHEMA, "row")}"')
+    db.execute(f'ALTER TABLE app.nopk DISABLE TRIGGER "{trigger_name(SCHEMA, "delete")}"')
     results = {r.name: r for r in source.checks()}
     assert not results[f"triggers {NOPK}"].ok and "disabled" in results[f"triggers {NOPK}"].detail
     source.close()
@@ -1139,7 +1234,8 @@ def test_capture_runs_as_its_owner_whatever_search_path_the_writer_sets(
     try:
         db.execute(
             sql.SQL(
-                "GRANT USAGE ON SCHEMA app TO {r}; GRANT SELECT, INSERT, UPDATE ON app.t TO {r}; "
+                "GRANT USAGE ON SCHEMA app TO {r}; "
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON app.t TO {r}; "
                 "CREATE SCHEMA evil AUTHORIZATION {r}"
             ).format(r=sql.Identifier(role))
         )
@@ -1162,18 +1258,33 @@ def test_capture_runs_as_its_owner_whatever_search_path_the_writer_sets(
             )
             db.execute(f"CREATE TABLE evil.outbox {columns}")
             db.execute(f"CREATE TEMP TABLE outbox {columns}")
+            # Tables named like the transition tables, and an = that would be found first.
+            db.execute("CREATE TABLE evil.cache_worker_new (LIKE app.t)")
+            db.execute("CREATE TEMP TABLE cache_worker_old (LIKE app.t)")
+            db.execute("INSERT INTO evil.cache_worker_new VALUES (66, 6, 'planted')")
+            db.execute("INSERT INTO cache_worker_old VALUES (77, 7, 'planted')")
+            db.execute(
+                "CREATE FUNCTION evil.eq(text, text) RETURNS bool LANGUAGE plpgsql AS "
+                "$$BEGIN RAISE EXCEPTION 'trapped ='; END$$"
+            )
+            db.execute(
+                "CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)"
+            )
             db.execute("SET LOCAL search_path = evil, pg_temp, pg_catalog")
-            db.execute("INSERT INTO app.t VALUES (1, 1, 'a')")
+            db.execute("INSERT INTO app.t VALUES (1, 1, 'a'), (2, 2, 'x')")
             db.execute("UPDATE app.t SET s = 'b' WHERE id = 1")
+            db.execute("DELETE FROM app.t WHERE id = 2")
             counts = db.execute(
                 "SELECT (SELECT count(*) FROM evil.outbox), (SELECT count(*) FROM pg_temp.outbox)"
             ).fetchone()
         assert counts == (0, 0)
         with _Streamer(source) as streamer:
-            changes = streamer.changes(2)
+            changes = streamer.changes(4)
         assert _ops(changes) == [
             (Op.INSERT, None, {"id": 1, "v": 1, "s": "a"}),
+            (Op.INSERT, None, {"id": 2, "v": 2, "s": "x"}),
             (Op.UPDATE, {"id": 1, "v": 1, "s": "a"}, {"id": 1, "v": 1, "s": "b"}),
+            (Op.DELETE, {"id": 2, "v": 2, "s": "x"}, None),
         ]
     finally:
         db.execute("DROP SCHEMA IF EXISTS evil CASCADE")

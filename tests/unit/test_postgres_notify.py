@@ -77,13 +77,15 @@ def test_setup_sql_quotes_identifiers_and_captures_each_row() -> None:
     function = text(capture_function_sql(opts, table))
     assert 'INSERT INTO "cw"."outbox"' in function
     assert "pg_catalog.row_to_json(OLD), pg_catalog.row_to_json(NEW)" in function
+    assert 'pg_catalog.row_to_json(n.*) FROM "cache_worker_new" AS n' in function
+    assert 'pg_catalog.row_to_json(o.*) FROM "cache_worker_old" AS o' in function
     assert "'My Schema', 'we\"ird'" in function
     assert "pg_notify('chan', '')" in function
     assert "pg_try_advisory_xact_lock_shared(" in function
     assert str(sleep_lock_key("cw")) in function
     assert "SECURITY DEFINER" in function
     triggers = [text(s) for s in trigger_sql(opts, table)]
-    # The statement triggers of older versions are dropped before the row trigger is created.
+    # Whatever an older version created is dropped first.
     drops = [s for s in triggers if s.startswith("DROP TRIGGER IF EXISTS")]
     assert {s.split()[4] for s in drops} == {
         '"cw_insert"',
@@ -93,23 +95,41 @@ def test_setup_sql_quotes_identifiers_and_captures_each_row() -> None:
         '"cw_row"',
     }
     assert all(s.endswith(' ON "My Schema"."we""ird"') for s in drops)
-    created_triggers = triggers[len(drops) :]
-    assert len(created_triggers) == 2
-    assert "AFTER INSERT OR UPDATE OR DELETE" in created_triggers[0]
-    assert "FOR EACH ROW" in created_triggers[0]
-    assert "AFTER TRUNCATE" in created_triggers[1]
-    assert "FOR EACH STATEMENT" in created_triggers[1]
+    created_triggers = [s.split(' ON "My Schema"."we""ird"')[1] for s in triggers[len(drops) :]]
+    function_name_sql = text(sql.Identifier("cw", function_name(table))) + "()"
+    assert created_triggers == [
+        f" REFERENCING NEW TABLE AS cache_worker_new FOR EACH STATEMENT "
+        f"EXECUTE FUNCTION {function_name_sql}",
+        f" FOR EACH ROW EXECUTE FUNCTION {function_name_sql}",
+        f" REFERENCING OLD TABLE AS cache_worker_old FOR EACH STATEMENT "
+        f"EXECUTE FUNCTION {function_name_sql}",
+        f" FOR EACH STATEMENT EXECUTE FUNCTION {function_name_sql}",
+    ]
+    events = [s.split()[4:6] for s in triggers[len(drops) :]]
+    assert events == [["INSERT", "ON"], ["UPDATE", "ON"], ["DELETE", "ON"], ["TRUNCATE", "ON"]]
+    # A partitioned table: one row trigger for all three operations (a row moving to another
+    # partition fires only the partitions' row-level DELETE and INSERT triggers).
+    partitioned = [text(s) for s in trigger_sql(opts, table, partitioned=True)][len(drops) :]
+    assert len(partitioned) == 2
+    assert "AFTER INSERT OR UPDATE OR DELETE" in partitioned[0]
+    assert "FOR EACH ROW" in partitioned[0] and "REFERENCING" not in partitioned[0]
+    assert "AFTER TRUNCATE" in partitioned[1] and "FOR EACH STATEMENT" in partitioned[1]
 
 
 def test_function_body_resolves_nothing_through_the_search_path() -> None:
-    """The function runs as its owner without a pinned search_path, so every function it calls
-    must be schema-qualified (and it uses no operators or type names)."""
+    """The function runs as its owner without a pinned search_path, so every function and
+    operator it uses must be schema-qualified (and it names no type)."""
     function = text(capture_function_sql(options(), T))
     body = function.split("$cache_worker$")[1]
+    operators = re.findall(r"OPERATOR\(([^)]*)\)", body)
+    assert operators and all(op.startswith("pg_catalog.") for op in operators)
+    body = re.sub(r"OPERATOR\([^)]*\)", " ", body)
+    body = re.sub(r"--[^\n]*", "", body)  # comments
+    body = body.replace(".*", "")  # whole-row references (n.*), not an operator
     calls = re.findall(r"([\w.]+)\s*\(", body)
     unqualified = [c for c in calls if not c.startswith("pg_catalog.") and c != "VALUES"]
     assert unqualified == [], unqualified
-    assert not re.search(r"::|[=<>+*/|]|\bOPERATOR\b", body.replace("$cache_worker$", ""))
+    assert not re.search(r"::|[=<>+*/|]", body)
 
 
 def test_function_body_gets_a_dollar_tag_it_does_not_contain() -> None:
