@@ -291,6 +291,7 @@ class RedisSink:
     def apply(self, actions: Sequence[CacheAction]) -> None:
         if not actions:
             return
+        given = actions
         if len(actions) > 1 and len({action.key for action in actions}) == len(actions):
             # One action per key (the run loop coalesces), so order between keys is free:
             # evicts first, then every refresh together, in as few script calls as possible.
@@ -306,7 +307,21 @@ class RedisSink:
             self._script_loaded = False
             self._load_script()
             results = self._execute(commands)
-        self._check(actions, _per_action(spans, results))
+        flat = _per_action(spans, results)
+        # A call refused as a whole (an ACL user without access to one of its keys, say) says
+        # nothing about the other keys in it: those refreshes go again one key per call, so the
+        # refusal lands on the keys it is about and the rest apply.
+        alone = [
+            index
+            for index, (span, result) in enumerate(_with_spans(spans, results))
+            if span > 1 and isinstance(result, Exception) and not _is_unavailable(result)
+        ]
+        if alone:
+            retry = [actions[i] for i in alone]
+            again, _spans, _ = _commands(retry, group=1)
+            for index, result in zip(alone, self._execute(again), strict=True):
+                flat[index] = result
+        self._check(actions, flat, given)
 
     def _load_script(self) -> None:
         try:
@@ -339,7 +354,9 @@ class RedisSink:
         finally:
             pool.release(conn)
 
-    def _check(self, actions: Sequence[CacheAction], results: list[Any]) -> None:
+    def _check(
+        self, actions: Sequence[CacheAction], results: list[Any], given: Sequence[CacheAction]
+    ) -> None:
         stale = 0
         failed: list[tuple[CacheAction, Exception]] = []
         for action, result in zip(actions, results, strict=True):
@@ -351,6 +368,10 @@ class RedisSink:
         self.stale_refusals += stale
         if not failed:
             return
+        if given is not actions:
+            # Report in the caller's order, whatever order the actions were sent in.
+            order = {id(action): index for index, action in enumerate(given)}
+            failed.sort(key=lambda pair: order[id(pair[0])])
         first_action, first = failed[0]
         message = (
             f"redis {self._target} refused {len(failed)} of {len(actions)} cache actions; "
@@ -427,8 +448,16 @@ def _packable(value: str | tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
+def _with_spans(spans: list[int], results: list[Any]) -> list[tuple[int, Any]]:
+    """(span of the command that carried it, that command's reply) for every action."""
+    pairs: list[tuple[int, Any]] = []
+    for span, result in zip(spans, results, strict=True):
+        pairs.extend([(span, result)] * max(span, 1))
+    return pairs
+
+
 def _commands(
-    actions: Sequence[CacheAction],
+    actions: Sequence[CacheAction], group: int = _REFRESH_GROUP
 ) -> tuple[list[tuple[Any, ...]], list[int], int]:
     """The wire commands for the actions, how many actions each covers, and the refreshes.
 
@@ -467,7 +496,7 @@ def _commands(
                 continue
             keys += (key, version, lease)
             args += payload
-            if len(keys) >= 3 * _REFRESH_GROUP:
+            if len(keys) >= 3 * group:
                 close_group()
         else:
             close_group()
