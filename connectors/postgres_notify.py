@@ -1,5 +1,5 @@
-"""The ``postgres-notify`` ``Source`` (Postgres 13+, no replication privilege): row-level
-triggers copy each change into an outbox table, a NOTIFY wakes the worker, and the worker consumes
+"""The ``postgres-notify`` ``Source`` (Postgres 13+, no replication privilege): triggers copy
+each changed row into an outbox table, a NOTIFY wakes the worker, and the worker consumes
 the outbox in id order. It owns the outbox schema and capture triggers (``setup``/``teardown`` and
 their SQL, and the upgrade of what older versions installed), consuming under row locks and
 deleting only what the run loop acknowledged, the advisory locks that make one worker the consumer
