@@ -307,19 +307,13 @@ class RedisSink:
             self._script_loaded = False
             self._load_script()
             results = self._execute(commands)
-        flat = _per_action(spans, results)
+        flat, refused_calls = _per_action(spans, results)
         # A call refused as a whole (an ACL user without access to one of its keys, say) says
         # nothing about the other keys in it: those refreshes go again one key per call, so the
         # refusal lands on the keys it is about and the rest apply.
-        alone = [
-            index
-            for index, (span, result) in enumerate(_with_spans(spans, results))
-            if span > 1 and isinstance(result, Exception) and not _is_unavailable(result)
-        ]
-        if alone:
-            retry = [actions[i] for i in alone]
-            again, _spans, _ = _commands(retry, group=1)
-            for index, result in zip(alone, self._execute(again), strict=True):
+        if refused_calls:
+            again, _spans, _ = _commands([actions[i] for i in refused_calls], group=1)
+            for index, result in zip(refused_calls, self._execute(again), strict=True):
                 flat[index] = result
         self._check(actions, flat, given)
 
@@ -448,14 +442,6 @@ def _packable(value: str | tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def _with_spans(spans: list[int], results: list[Any]) -> list[tuple[int, Any]]:
-    """(span of the command that carried it, that command's reply) for every action."""
-    pairs: list[tuple[int, Any]] = []
-    for span, result in zip(spans, results, strict=True):
-        pairs.extend([(span, result)] * max(span, 1))
-    return pairs
-
-
 def _commands(
     actions: Sequence[CacheAction], group: int = _REFRESH_GROUP
 ) -> tuple[list[tuple[Any, ...]], list[int], int]:
@@ -506,20 +492,24 @@ def _commands(
     return commands, spans, refreshes
 
 
-def _per_action(spans: list[int], results: list[Any]) -> list[Any]:
-    """One result per action: a batch call's array spread out, or its one error repeated."""
+def _per_action(spans: list[int], results: list[Any]) -> tuple[list[Any], list[int]]:
+    """One result per action (a batch call's array spread out, or its one error repeated), and
+    the indices of the actions whose multi-key call was refused as a whole."""
     flat: list[Any] = []
+    refused_calls: list[int] = []
     for span, result in zip(spans, results, strict=True):
         if span == 0:
             flat.append(result)
         elif isinstance(result, list) and len(result) == span:
             flat.extend(result)
         elif isinstance(result, Exception):
+            if span > 1 and not _is_unavailable(result):
+                refused_calls.extend(range(len(flat), len(flat) + span))
             flat.extend([result] * span)
         else:
             error = ResponseError(f"unexpected reply to a refresh call: {result!r:.100}")
             flat.extend([error] * span)
-    return flat
+    return flat, refused_calls
 
 
 def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
