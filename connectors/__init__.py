@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.settings import Settings, compile_rules
 
 if TYPE_CHECKING:
     import redis
@@ -58,6 +58,7 @@ def mysql_options(settings: Settings) -> MySQLOptions:
         connect_timeout_s=src.connect_timeout,
         ssl=ssl,
         reconnect_max_backoff_s=settings.batch.retry_max_backoff,
+        columns=compile_rules(settings).needed_columns(),
     )
 
 

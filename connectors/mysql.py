@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
@@ -146,6 +146,9 @@ class MySQLOptions:
     # pymysql's ssl dict (ca/cert/key/check_hostname); None disables TLS.
     ssl: dict[str, Any] | None = field(default=None, repr=False)
     reconnect_max_backoff_s: float = 30.0
+    # The only columns the rules read, by table (a table not named here: all of them). Row
+    # images decoded on the fast path carry just these; the others are stepped over unbuilt.
+    columns: Mapping[TableRef, frozenset[str]] = field(default_factory=dict)
 
 
 _FILE_INDEX_RE = re.compile(r"\.(\d+)$")
@@ -1048,8 +1051,10 @@ class _Session:
 
     def decoder_for(self, table_id: int, table: Any) -> TableDecoder | None:
         """The fast decoder of a followed table's map (None: the library decodes its rows)."""
-        plan = self.plan_for(table_id, TableRef(table.schema, table.table))
-        return compile_table(plan.table.columns, plan.converters, plan.set_columns)
+        ref = TableRef(table.schema, table.table)
+        plan = self.plan_for(table_id, ref)
+        keep = self.source.options.columns.get(ref)
+        return compile_table(plan.table.columns, plan.converters, plan.set_columns, keep)
 
 
 class MySQLSource:

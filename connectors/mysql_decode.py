@@ -158,13 +158,21 @@ def _json(length_bytes: int) -> Reader:
     return read
 
 
-def _new_decimal(precision: int, decimals: int) -> Reader:
-    integral = precision - decimals
-    uncomp_integral, comp_integral = divmod(integral, 9)
+def _decimal_layout(precision: int, decimals: int) -> tuple[int, int, int, int, int, int]:
+    """(bytes in all, leading group bytes and digits, full groups, trailing bytes and digits)."""
+    uncomp_integral, comp_integral = divmod(precision - decimals, 9)
     uncomp_fractional, comp_fractional = divmod(decimals, 9)
     int_size = _DECIMAL_BYTES[comp_integral]
     frac_size = _DECIMAL_BYTES[comp_fractional]
-    total = int_size + 4 * (uncomp_integral + uncomp_fractional) + frac_size
+    full_groups = uncomp_integral + uncomp_fractional
+    total = int_size + 4 * full_groups + frac_size
+    return total, int_size, comp_integral, full_groups, frac_size, comp_fractional
+
+
+def _new_decimal(precision: int, decimals: int) -> Reader:
+    total, int_size, comp_integral, full_groups, frac_size, comp_fractional = _decimal_layout(
+        precision, decimals
+    )
     sign_bit = 1 << (8 * total - 1)
     all_ones = (1 << (8 * total)) - 1
     # The value is a row of base-10**9 groups (the outer ones shorter), each stored big-endian
@@ -173,7 +181,7 @@ def _new_decimal(precision: int, decimals: int) -> Reader:
     shift = 8 * total
     for size, digits in (
         [(int_size, comp_integral)] * bool(int_size)
-        + [(4, 9)] * (uncomp_integral + uncomp_fractional)
+        + [(4, 9)] * full_groups
         + [(frac_size, comp_fractional)] * bool(frac_size)
     ):
         shift -= 8 * size
@@ -377,6 +385,64 @@ def _reader(column: Any) -> Reader | None:
     return None
 
 
+_PLAIN_WIDTH: dict[int, int] = {
+    FIELD_TYPE.DATE: 3,
+    FIELD_TYPE.DATETIME: 8,
+    FIELD_TYPE.TIME: 3,
+    FIELD_TYPE.TIMESTAMP: 4,
+    FIELD_TYPE.YEAR: 1,
+    FIELD_TYPE.INT24: 3,
+}
+_FSP_BASE_WIDTH: dict[int, int] = {
+    FIELD_TYPE.DATETIME2: 5,
+    FIELD_TYPE.TIMESTAMP2: 4,
+    FIELD_TYPE.TIME2: 3,
+}
+
+
+def _width(column: Any) -> int | None:
+    """The bytes a non-NULL value of the column always takes, or None if it varies."""
+    ctype = column.type
+    if ctype in _FIXED_WIDTH:
+        return int(_FIXED_WIDTH[ctype][0])
+    if ctype in _PLAIN_WIDTH:
+        return _PLAIN_WIDTH[ctype]
+    if ctype in _FSP_BASE_WIDTH:
+        return _FSP_BASE_WIDTH[ctype] + (int(column.fsp) + 1) // 2
+    if ctype == FIELD_TYPE.NEWDECIMAL:
+        return _decimal_layout(column.precision, column.decimals)[0]
+    if ctype in (FIELD_TYPE.ENUM, FIELD_TYPE.SET):
+        return int(column.size)
+    if ctype == FIELD_TYPE.BIT:
+        return int(column.bytes)
+    return None
+
+
+def _length_bytes(column: Any) -> int | None:
+    """The size of the length prefix of a variable-length column (as ``_reader`` reads it)."""
+    ctype = column.type
+    if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
+        return 2 if column.max_length > 255 else 1
+    if ctype in _LENGTH_PREFIXED or ctype == FIELD_TYPE.BLOB:
+        return int(column.length_size)
+    return None
+
+
+def _skip_source(index: int, column: Any) -> list[str]:
+    """Statements that move ``pos`` past column ``index`` without building its value."""
+    width = _width(column)
+    if width is not None:
+        return [f"pos += {width}"]
+    prefix = _length_bytes(column)
+    if prefix == 1:
+        return ["pos += data[pos] + 1"]
+    if prefix == 2:
+        return ["pos += (data[pos] | data[pos + 1] << 8) + 2"]
+    if prefix is not None:
+        return [f"pos += from_bytes(data[pos : pos + {prefix}], 'little') + {prefix}"]
+    return [f"_, pos = R{index}(data, pos)"]
+
+
 def _column_source(index: int, column: Any, namespace: dict[str, Any]) -> list[str]:
     """Statements that read column ``index`` into ``v<index>`` and move ``pos`` past it."""
     var = f"v{index}"
@@ -402,6 +468,7 @@ def _column_source(index: int, column: Any, namespace: dict[str, Any]) -> list[s
 
 def _compile_image(
     columns: Sequence[tuple[str, Any, Reader, Convert | None]],
+    keep: frozenset[str] | None = None,
 ) -> Callable[[bytes, int], tuple[Image, int]]:
     """One straight-line function that reads a full row image of exactly these columns.
 
@@ -409,6 +476,8 @@ def _compile_image(
     and a branch per column, which at tens of thousands of rows a second is most of the
     decoding time. Names and readers reach the code only through its namespace (``K<i>``,
     ``R<i>``, ``C<i>``), never as text, so no column name can change what the code does.
+    Columns outside ``keep`` (when given) are stepped over: no value is built for them and the
+    image leaves them out.
     """
     null_bytes = (len(columns) + 7) // 8
     namespace: dict[str, Any] = {"from_bytes": int.from_bytes}
@@ -417,9 +486,15 @@ def _compile_image(
         f"    nulls = from_bytes(data[pos : pos + {null_bytes}], 'little')",
         f"    pos += {null_bytes}",
     ]
+    kept: list[int] = []
     for index, (name, column, reader, convert) in enumerate(columns):
-        namespace[f"K{index}"] = name
         namespace[f"R{index}"] = reader
+        if keep is not None and name not in keep:
+            lines.append(f"    if not nulls & {1 << index}:")
+            lines.extend(f"        {line}" for line in _skip_source(index, column))
+            continue
+        kept.append(index)
+        namespace[f"K{index}"] = name
         lines.append(f"    if nulls & {1 << index}:")
         lines.append(f"        v{index} = None")
         lines.append("    else:")
@@ -428,7 +503,7 @@ def _compile_image(
             namespace[f"C{index}"] = convert
             lines.append(f"        if v{index} is not None:")
             lines.append(f"            v{index} = C{index}(v{index})")
-    items = ", ".join(f"K{i}: v{i}" for i in range(len(columns)))
+    items = ", ".join(f"K{i}: v{i}" for i in kept)
     lines.append(f"    return {{{items}}}, pos")
     exec(compile("\n".join(lines), "<cache-worker row image>", "exec"), namespace)
     image: Callable[[bytes, int], tuple[Image, int]] = namespace["image"]
@@ -440,12 +515,16 @@ class TableDecoder:
 
     __slots__ = ("_full", "_image", "_ncols")
 
-    def __init__(self, columns: Sequence[tuple[str, Any, Reader, Convert | None]]) -> None:
+    def __init__(
+        self,
+        columns: Sequence[tuple[str, Any, Reader, Convert | None]],
+        keep: frozenset[str] | None = None,
+    ) -> None:
         self._ncols = len(columns)
         self._full = b"\xff" * (self._ncols // 8) + (
             bytes([(1 << (self._ncols % 8)) - 1]) if self._ncols % 8 else b""
         )
-        self._image = _compile_image(columns)
+        self._image = _compile_image(columns, keep)
 
     def decode(
         self, data: bytes, event_type: int, end: int
@@ -488,23 +567,43 @@ class TableDecoder:
 
 
 def compile_table(
-    columns: Sequence[Any], converters: Sequence[tuple[str, Convert]], set_columns: Sequence[str]
+    columns: Sequence[Any],
+    converters: Sequence[tuple[str, Convert]],
+    set_columns: Sequence[str],
+    keep: frozenset[str] | None = None,
 ) -> TableDecoder | None:
     """A decoder for the library's (plan-patched) columns, or None if one is not ours to read.
 
     ``converters`` and ``set_columns`` are the plan's: the converters apply on top of the
     library's value, exactly as ``_Plan.convert`` does; SET columns come out of their reader
-    already as the plan's sorted list.
+    already as the plan's sorted list. ``keep`` names the only columns the images carry (the
+    rules need no others); a column outside it only has to be one we can step over.
     """
     by_name = dict(converters)
     sets = set(set_columns)
+    if keep is not None and not keep <= {column.name for column in columns}:
+        # A rule's column the map does not name (no column names in the binlog, or a column
+        # dropped since the rules were checked): decode it all and let the rules say what is
+        # missing, rather than hand them images without it.
+        keep = None
     compiled: list[tuple[str, Any, Reader, Convert | None]] = []
     for index, column in enumerate(columns):
+        name = column.name or f"UNKNOWN_COL{index}"
         reader = _reader(column)
         if reader is None:
-            return None
-        name = column.name or f"UNKNOWN_COL{index}"
+            if keep is None or name in keep or not _skippable(column):
+                return None
+            reader = _unreadable
         compiled.append((name, column, reader, None if name in sets else by_name.get(name)))
     if len({entry[0] for entry in compiled}) != len(compiled):
         return None  # duplicate names: the library's dict semantics decide, leave it to them
-    return TableDecoder(compiled)
+    return TableDecoder(compiled, keep)
+
+
+def _skippable(column: Any) -> bool:
+    return _width(column) is not None or _length_bytes(column) is not None
+
+
+def _unreadable(data: bytes, pos: int) -> tuple[Any, int]:
+    # Stands in for a column that is only ever stepped over; never called.
+    raise AssertionError("a skipped column was read")

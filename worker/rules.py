@@ -165,9 +165,17 @@ class Rule:
             named.setdefault(column, set()).add("when")
         return named
 
+    def needed_columns(self) -> frozenset[str] | None:
+        """The columns this rule reads from a row; None when it stores the whole row."""
+        if self.action == "refresh" and self.columns is None:
+            return None
+        return frozenset(self.named_columns())
+
     def passes(self, row: Row | None) -> bool:
         if row is None:
             return False
+        if not self.when:
+            return True
         for column, expected in self.when.items():
             actual = row.get(column)
             if isinstance(expected, tuple):
@@ -400,6 +408,25 @@ class RuleSet:
     @property
     def tables(self) -> list[TableRef]:
         return list(self._by_table)
+
+    def needed_columns(self) -> dict[TableRef, frozenset[str]]:
+        """The columns the rules read, for each table whose rules do not store whole rows.
+
+        A source may leave every other column out of the row images it hands over (decoding a
+        value nobody reads is most of a source's work on wide rows); a table missing from the
+        result needs all its columns.
+        """
+        needed: dict[TableRef, frozenset[str]] = {}
+        for table, rules in self._by_table.items():
+            columns: set[str] = set()
+            for rule in rules:
+                named = rule.needed_columns()
+                if named is None:
+                    break
+                columns |= named
+            else:
+                needed[table] = frozenset(columns)
+        return needed
 
     def rules_for(self, table: TableRef) -> list[Rule]:
         return self._by_table.get(table, [])

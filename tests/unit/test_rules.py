@@ -229,3 +229,43 @@ def test_column_dropped_by_ddl_is_warned_once(capsys):
             assert [a.key for a in actions] == ["user:1"]
     missing = [e for e in logs if e["event"] == "rule_column_missing"]
     assert [e["columns"] for e in missing] == [["email"], ["name"]]
+
+
+def test_needed_columns_are_what_the_rules_read_unless_one_stores_whole_rows():
+    evict = rule(
+        action="evict",
+        keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("email:{email}")),
+        when={"active": True},
+        watch=frozenset({"name"}),
+    )
+    listed = rule(name="listed", table=ORDERS, columns=("id", "total"), watch=frozenset({"state"}))
+    assert RuleSet([evict, listed]).needed_columns() == {
+        USERS: frozenset({"id", "email", "active", "name"}),
+        ORDERS: frozenset({"id", "total", "state"}),
+    }
+    # A refresh without `columns` stores the whole row: that table needs every column.
+    whole = rule(name="whole", format="hash")
+    assert RuleSet([evict, whole, listed]).needed_columns() == {
+        ORDERS: frozenset({"id", "total", "state"})
+    }
+
+
+def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns():
+    evict = rule(action="evict", keys=(KeyTemplate.parse("user:{id}"),), when={"active": True})
+    listed = rule(name="listed", columns=("id", "name"), watch=frozenset({"name"}))
+    rules = RuleSet([evict, listed])
+    keep = rules.needed_columns()[USERS]
+    before = {"id": 1, "name": "a", "active": 1, "bio": "long", "avatar": b"..."}
+    after = {"id": 1, "name": "b", "active": 1, "bio": "longer", "avatar": b"...."}
+
+    def cut(row):
+        return {k: v for k, v in row.items() if k in keep}
+
+    for op, old, new in (
+        (Op.UPDATE, before, after),
+        (Op.INSERT, None, after),
+        (Op.DELETE, before, None),
+    ):
+        whole = rules.actions_for(change(op, old, new))
+        projected = rules.actions_for(change(op, old and cut(old), new and cut(new)))
+        assert projected == whole and whole
