@@ -151,8 +151,9 @@ end
 return results
 """
 REFRESH_BATCH_SHA = hashlib.sha1(REFRESH_BATCH_SCRIPT.encode()).hexdigest()
-# Refreshes per script call: enough to spread the call's cost, few enough that one call never
-# keeps Redis busy for long (a script blocks every other client while it runs).
+# Refreshes per script call (and evicts per DEL): enough to spread the call's cost, few enough
+# that one call never keeps Redis busy for long (a script blocks every other client while it
+# runs).
 _REFRESH_GROUP = 64
 
 # Command names as bytes: the driver's packer splits str names on spaces for every command.
@@ -160,6 +161,9 @@ _EVALSHA = b"EVALSHA"
 _DEL = b"DEL"
 _JSON = b"json"
 _HASH = b"hash"
+
+# What an applied evict reports per action: DEL answers with one count for all its keys.
+_EVICTED = 1
 
 # Commands per socket write (see _round_trip); a few tens of KB for typical payloads.
 _SLICE = 256
@@ -312,8 +316,9 @@ class RedisSink:
         # nothing about the other keys in it: those refreshes go again one key per call, so the
         # refusal lands on the keys it is about and the rest apply.
         if refused_calls:
-            again, _spans, _ = _commands([actions[i] for i in refused_calls], group=1)
-            for index, result in zip(refused_calls, self._execute(again), strict=True):
+            again, again_spans, _ = _commands([actions[i] for i in refused_calls], group=1)
+            alone, _ = _per_action(again_spans, self._execute(again))
+            for index, result in zip(refused_calls, alone, strict=True):
                 flat[index] = result
         self._check(actions, flat, given)
 
@@ -445,29 +450,38 @@ def _packable(value: str | tuple[tuple[str, str], ...]) -> bool:
 def _commands(
     actions: Sequence[CacheAction], group: int = _REFRESH_GROUP
 ) -> tuple[list[tuple[Any, ...]], list[int], int]:
-    """The wire commands for the actions, how many actions each covers, and the refreshes.
+    """The wire commands for the actions, which actions each covers, and the refreshes.
 
-    An evict is one DEL; consecutive refreshes share one batch-script call, up to
-    ``_REFRESH_GROUP``. A refresh whose payload cannot be packed gets a call of its own, so
-    that the packing error (reported per command) fails that action alone.
+    Consecutive refreshes share one batch-script call and consecutive evicts one multi-key DEL,
+    up to ``group`` actions each. A refresh whose payload cannot be packed gets a call of its
+    own, so that the packing error (reported per command) fails that action alone. A span is
+    the number of refreshes a script call covers, or minus the number of evicts a DEL covers.
     """
     commands: list[tuple[Any, ...]] = []
     spans: list[int] = []
     refreshes = 0
     keys: list[str] = []
     args: list[Any] = []
+    evicted: list[str] = []
 
-    def close_group() -> None:
+    def close_refreshes() -> None:
         if keys:
             commands.append((_EVALSHA, REFRESH_BATCH_SHA, len(keys), *keys, *args))
             spans.append(len(keys) // 3)
             keys.clear()
             args.clear()
 
+    def close_evicts() -> None:
+        if evicted:
+            commands.append((_DEL, *evicted))
+            spans.append(-(len(evicted) // 3))
+            evicted.clear()
+
     for action in actions:
         key = action.key
         version, lease = companion_keys(key)
         if type(action) is Refresh:
+            close_evicts()
             refreshes += 1
             value = action.value
             if isinstance(value, str):
@@ -476,39 +490,43 @@ def _commands(
                 fields = tuple(chain.from_iterable(value))
                 payload = (action.version, action.ttl_ms, _HASH, len(fields), *fields)
             if not _packable(value):
-                close_group()
+                close_refreshes()
                 commands.append((_EVALSHA, REFRESH_BATCH_SHA, 3, key, version, lease, *payload))
                 spans.append(1)
                 continue
             keys += (key, version, lease)
             args += payload
             if len(keys) >= 3 * group:
-                close_group()
+                close_refreshes()
         else:
-            close_group()
-            commands.append((_DEL, key, version, lease))
-            spans.append(0)
-    close_group()
+            close_refreshes()
+            evicted += (key, version, lease)
+            if len(evicted) >= 3 * group:
+                close_evicts()
+    close_refreshes()
+    close_evicts()
     return commands, spans, refreshes
 
 
 def _per_action(spans: list[int], results: list[Any]) -> tuple[list[Any], list[int]]:
-    """One result per action (a batch call's array spread out, or its one error repeated), and
-    the indices of the actions whose multi-key call was refused as a whole."""
+    """One result per action (a script call's array spread out, a DEL's count or one error
+    repeated), and the indices of the actions whose multi-key call was refused as a whole."""
     flat: list[Any] = []
     refused_calls: list[int] = []
     for span, result in zip(spans, results, strict=True):
-        if span == 0:
-            flat.append(result)
-        elif isinstance(result, list) and len(result) == span:
+        count = -span if span < 0 else span
+        if isinstance(result, Exception):
+            if count > 1 and not _is_unavailable(result):
+                refused_calls.extend(range(len(flat), len(flat) + count))
+            flat.extend([result] * count)
+        elif span < 0 and type(result) is int:
+            # How many of the keys existed; an evict has no result of its own beyond success.
+            flat.extend([_EVICTED] * count)
+        elif span > 0 and isinstance(result, list) and len(result) == span:
             flat.extend(result)
-        elif isinstance(result, Exception):
-            if span > 1 and not _is_unavailable(result):
-                refused_calls.extend(range(len(flat), len(flat) + span))
-            flat.extend([result] * span)
         else:
-            error = ResponseError(f"unexpected reply to a refresh call: {result!r:.100}")
-            flat.extend([error] * span)
+            error = ResponseError(f"unexpected reply to a cache write: {result!r:.100}")
+            flat.extend([error] * count)
     return flat, refused_calls
 
 
