@@ -3,7 +3,8 @@
 One table of rules for every source, so a web tier in any language decodes what it reads:
 DECIMAL as an exact decimal string, DATETIME/DATE/TIME as ISO 8601, JSON columns as JSON,
 binary as base64, NULL as JSON ``null`` (in a hash: the field is absent), sets as sorted lists.
-The functions here are on the hot path and keep to the standard library's C JSON encoder.
+The functions here are on the hot path: JSON is written by orjson where it gives the very text
+the standard library's encoder would, and by the standard encoder otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import uuid
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 
 def format_timedelta(value: dt.timedelta) -> str:
@@ -61,10 +64,28 @@ def _replace_non_finite(value: Any) -> Any:
 _encoder = json.JSONEncoder(
     default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
 )
+# orjson writes the same compact text several times faster than the standard encoder (whose
+# per-call setup alone costs more than a small row). Datetimes go through ``_json_default`` as
+# with the standard encoder, so both spell them alike.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def encode_json(row: Mapping[str, Any]) -> str:
-    """The row as compact JSON text (UTF-8 characters kept, not escaped)."""
+    """The row as compact JSON text (UTF-8 characters kept, not escaped).
+
+    A row with a float column, or anything orjson refuses (an integer over 64 bits, text that
+    is not valid UTF-8, a non-text key), takes the standard encoder: it spells floats as
+    Python does and says which value it cannot encode. orjson would write NaN as null.
+    """
+    if type(row) is dict:
+        for value in row.values():
+            if type(value) is float:
+                break
+        else:
+            try:
+                return orjson.dumps(row, default=_json_default, option=_ORJSON_OPTIONS).decode()
+            except TypeError:
+                pass
     try:
         return _encoder.encode(row)
     except ValueError:
