@@ -1,9 +1,9 @@
-"""The run loop: source thread → bounded queue → batches → rules → sink → checkpoint.
+"""The run loop: source thread (log → rules) → bounded queue → batches → sink → checkpoint.
 
-The source thread parses the log and blocks on a bounded queue when the apply side is behind
-(back-pressure). The main thread collects items into a batch that closes on size or after a few
-milliseconds, turns its changes into coalesced actions, applies them in one sink call, and only
-then saves the checkpoint (the last transaction-boundary position in the batch) and acks the
+The source thread parses the log, turns each transaction's changes into actions with the rules,
+and blocks on a bounded queue when the apply side is behind (back-pressure). The main thread
+collects items into a batch that closes on size or after a few milliseconds, coalesces their
+actions, applies them in one sink call, and only then saves the checkpoint (the last transaction-boundary position in the batch) and acks the
 source. A failure of Redis or of the database is retried with backoff and never advances the
 checkpoint. Actions Redis refuses for good (NOPERM, OOM, a value it rejects) while it applies the
 rest are retried a few times on their own; what still fails is written to the dead-letter store
@@ -25,7 +25,7 @@ import structlog
 from worker.actions import CacheAction, Evict, coalesce
 from worker.dead_letters import DeadLetter, entries_for
 from worker.errors import CacheWorkerError, ConfigError, PartialApplyError, SinkError, SourceError
-from worker.events import Position, SourceItem, TableRef, Transaction
+from worker.events import Heartbeat, Position, TableRef, Transaction
 from worker.handoff import Handoff
 from worker.interfaces import CheckpointStore, DeadLetterStore, Sink, Source
 from worker.retry import retry_call
@@ -79,6 +79,18 @@ class _SourceFailed:
     error: BaseException
 
 
+@dataclass(slots=True)
+class _Evaluated:
+    """A transaction with its actions, worked out on the source thread."""
+
+    transaction: Transaction
+    actions: list[CacheAction]
+    failures: list[RuleFailure]
+
+
+_QueueItem = Heartbeat | _Evaluated | _SourceFailed
+
+
 @dataclass
 class _Batch:
     actions: list[CacheAction] = field(default_factory=list)
@@ -118,7 +130,7 @@ class Runner:
         self.stats = RunStats()
         self._preflight = preflight
         self._describe = describe_position or (lambda p: str(p.to_dict()))
-        self._queue: Handoff[SourceItem | _SourceFailed] = Handoff(
+        self._queue: Handoff[_QueueItem] = Handoff(
             self.options.queue_size, self.options.queue_rows
         )
         self._stop = threading.Event()
@@ -129,7 +141,6 @@ class Runner:
         self._saved_at = 0.0
         # Applied but not yet saved (waiting for the checkpoint interval).
         self._unsaved: Position | None = None
-        self._pending: SourceItem | _SourceFailed | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -199,17 +210,35 @@ class Runner:
 
     # -- source thread ---------------------------------------------------------------------
 
-    def _put(self, item: SourceItem | _SourceFailed) -> bool:
-        rows = len(item.changes) if isinstance(item, Transaction) else 0
+    def _put(self, item: _QueueItem, rows: int = 0) -> bool:
         while not self._closing.is_set():
             if self._queue.put(item, rows, timeout=0.2):
                 return True
         return False
 
+    def _evaluate(self, transaction: Transaction) -> _Evaluated:
+        actions: list[CacheAction] = []
+        failures: list[RuleFailure] = []
+        evaluate = self.rules.evaluate
+        for change in transaction.changes:
+            produced, failed = evaluate(change)
+            actions.extend(produced)
+            if failed:
+                failures.extend(failed)
+        return _Evaluated(transaction, actions, failures)
+
     def _pump(self, start: Position) -> None:
+        # The rules run here, not on the apply side: while the main thread waits for Redis to
+        # run a batch (the refresh script costs Redis about as much as the rules cost us), this
+        # thread turns the next transactions into actions instead of idling on a full queue.
         try:
             for item in self.source.stream(start):
-                if not self._put(item):
+                queued: _QueueItem
+                if isinstance(item, Transaction):
+                    queued, rows = self._evaluate(item), len(item.changes)
+                else:
+                    queued, rows = item, 0
+                if not self._put(queued, rows):
                     return
             if not self._closing.is_set():
                 self._put(_SourceFailed(SourceError("the source stream ended unexpectedly")))
@@ -234,10 +263,7 @@ class Runner:
 
     # -- batching --------------------------------------------------------------------------
 
-    def _next_item(self, timeout: float) -> SourceItem | _SourceFailed | None:
-        if self._pending is not None:
-            item, self._pending = self._pending, None
-            return item
+    def _next_item(self, timeout: float) -> _QueueItem | None:
         return self._queue.get(timeout)
 
     def _collect(self) -> _Batch:
@@ -251,24 +277,23 @@ class Runner:
         if opts.max_transactions is not None:
             tx_limit = min(tx_limit, opts.max_transactions - self.stats.transactions)
         deadline = time.monotonic() + opts.batch_max_delay_s
-        item: SourceItem | _SourceFailed | None = first
+        item: _QueueItem | None = first
         while item is not None:
             if isinstance(item, _SourceFailed):
                 batch.failure = item.error
                 break
-            if isinstance(item, Transaction):
-                for change in item.changes:
-                    actions, failures = self.rules.evaluate(change)
-                    raw_actions.extend(actions)
-                    if failures:
-                        batch.rule_failures.extend(failures)
-                batch.rows += len(item.changes)
+            if isinstance(item, _Evaluated):
+                raw_actions.extend(item.actions)
+                if item.failures:
+                    batch.rule_failures.extend(item.failures)
+                tx = item.transaction
+                batch.rows += len(tx.changes)
                 batch.caught_up = False
-                if item.position is not None:
-                    batch.position = item.position
+                if tx.position is not None:
+                    batch.position = tx.position
                     batch.transactions += 1
-                    if item.committed_at is not None:
-                        batch.committed_at = item.committed_at
+                    if tx.committed_at is not None:
+                        batch.committed_at = tx.committed_at
             else:
                 if item.position is not None:
                     batch.position = item.position
