@@ -7,6 +7,9 @@ import json
 import uuid
 from decimal import Decimal
 
+import pytest
+
+from worker import encoding
 from worker.encoding import encode_hash, encode_json, format_timedelta, scalar_text
 
 
@@ -81,3 +84,35 @@ def test_scalar_text_for_keys():
     assert scalar_text("ä b") == "ä b"
     assert scalar_text(dt.date(2020, 1, 1)) == "2020-01-01"
     assert scalar_text(Decimal("3.50")) == "3.50"
+
+
+def _standard(row):
+    return json.dumps(
+        row, default=encoding._json_default, ensure_ascii=False, separators=(",", ":")
+    )
+
+
+def test_json_text_is_the_standard_encoders_whichever_encoder_writes_it():
+    tz = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15))
+    rows = [
+        {"id": 1, "name": 'é\u2028\x00"\\', "n": None, "ok": True, "big": 2**64 - 1},
+        {"at": dt.datetime(1800, 1, 1, 0, 0, 0, 1, tzinfo=tz), "t": dt.time(1, 2, 3, 5)},
+        {"d": dt.date(9999, 12, 31), "u": uuid.UUID(int=7), "dec": Decimal("-0.000")},
+        {"doc": {"a": [1, {"b": "c"}], "z": None}, "tags": ["x", "y"], "bin": b"\x00\xff"},
+        {"set": frozenset({"b", "a"}), "clock": dt.timedelta(seconds=-1)},
+        {"huge": 2**70, "tiny": -(2**63)},  # over 64 bits: the standard encoder writes it
+        {"f": 1e16, "g": 0.1, "h": -0.0},  # floats: spelled as Python spells them
+    ]
+    for row in rows:
+        assert encode_json(row) == _standard(row)
+    # The same columns in another order stay in that order.
+    assert encode_json({"b": 1, "a": 2}) == '{"b":1,"a":2}'
+
+
+def test_json_refusals_name_the_value_whichever_encoder_tried_first():
+    with pytest.raises(TypeError, match="cannot encode a value of type object"):
+        encode_json({"x": object()})
+    # A lone surrogate cannot be UTF-8: the standard encoder still writes the text (the sink
+    # then refuses that one payload), as it always did.
+    assert encode_json({"s": "\ud800"}) == '{"s":"\ud800"}'
+    assert encode_json({"nan": float("nan")}) == '{"nan":"NaN"}'
