@@ -99,6 +99,7 @@ def postgres_options(settings: Settings) -> PostgresOptions:
         publication=settings.publication_name(),
         max_changes=src.max_changes,
         heartbeat_s=src.heartbeat,
+        columns=compile_rules(settings).needed_columns(),
     )
 
 

@@ -90,6 +90,9 @@ class PostgresOptions:
     publication: str = "cache_worker_default"
     max_changes: int = 5000
     heartbeat_s: float = 10.0
+    # The only columns the rules read, by table (a table not named here: all of them); the
+    # postgres-logical source leaves the others' values undecoded and out of the rows.
+    columns: Mapping[TableRef, frozenset[str]] = field(default_factory=dict)
 
     @property
     def secrets(self) -> list[str | None]:

@@ -179,8 +179,9 @@ class Relation:
     type_oids: tuple[int, ...]
     key_flags: tuple[bool, ...]
     wanted: bool
-    # (name, loader, type OID) per column, for wanted relations only: the hot loop's input.
-    columns: list[tuple[str, Callable[[bytes], Any], int]] = field(default_factory=list)
+    # (name, loader, type OID) per column, for wanted relations only: the hot loop's input. A
+    # column the rules do not read has no loader: its value is stepped over.
+    columns: list[tuple[str, Callable[[bytes], Any] | None, int]] = field(default_factory=list)
 
 
 class ProtocolError(SourceError):
@@ -200,7 +201,9 @@ class PgOutputDecoder:
     Transactions whose commit record starts before ``skip_before`` are read but not emitted
     (Relation messages in them still count), which is how already delivered transactions are
     skipped when a peek returns them again. ``loader_for`` gives the fast value loader of a type
-    OID; ``decode`` is the careful fallback for a value the loader raised on.
+    OID; ``decode`` is the careful fallback for a value the loader raised on. ``columns`` names,
+    per table, the only columns the rows carry (the rules read no others); a table not in it, or
+    whose Relation lacks one of them, gets every column.
 
     Each ``RowChange.version`` is the LSN where the transaction's commit record starts (known at
     Begin, so chunks can carry it); the position of the transaction is the commit's end LSN. Both
@@ -214,8 +217,10 @@ class PgOutputDecoder:
         loader_for: Callable[[int], Callable[[bytes], Any]],
         decode: Callable[[int, bytes], Any],
         chunk_rows: int = CHUNK_ROWS,
+        columns: Mapping[TableRef, frozenset[str]] | None = None,
     ) -> None:
         self.tables = frozenset(tables)
+        self._keep = dict(columns or {})
         self._loader_for = loader_for
         self._decode = decode
         self.chunk_rows = max(1, chunk_rows)
@@ -334,8 +339,12 @@ class PgOutputDecoder:
             relid, table, identity, tuple(names), tuple(oids), tuple(keys), table in self.tables
         )
         if relation.wanted:
+            keep = self._keep.get(table)
+            if keep is not None and not keep <= set(names):
+                # A rule's column the table no longer has: let the rules see it missing.
+                keep = None
             relation.columns = [
-                (column, self._loader_for(oid), oid)
+                (column, self._loader_for(oid) if keep is None or column in keep else None, oid)
                 for column, oid in zip(names, oids, strict=True)
             ]
         self.relations[relid] = relation
@@ -399,6 +408,8 @@ class PgOutputDecoder:
             if kind_ == 116:  # t: text value
                 start = pos + 5
                 pos = start + unpack_len(data, pos + 1)[0]
+                if load is None:
+                    continue
                 raw = data[start:pos]
                 try:
                     row[name] = load(raw)
@@ -408,12 +419,13 @@ class PgOutputDecoder:
                 pos += 1
                 # A key-only old tuple sends every non-key column as NULL; identity columns are
                 # NOT NULL, so a NULL there means "not sent" and is left out, not invented.
-                if not key_only:
+                if not key_only and load is not None:
                     row[name] = None
             elif kind_ == 117:  # u: unchanged TOASTed value, not sent
                 pos += 1
-                row[name] = UNCHANGED
-                partial = True
+                if load is not None:
+                    row[name] = UNCHANGED
+                    partial = True
             else:
                 raise ProtocolError(
                     f"pgoutput tuple data kind {chr(kind_)!r} in {relation.table} "
@@ -1054,7 +1066,11 @@ class PostgresLogicalSource:
                 )
             decoder_values = TextDecoder(conn, catalog)
             decoder = PgOutputDecoder(
-                self._tables, decoder_values.loader, decoder_values.decode, self.chunk_rows
+                self._tables,
+                decoder_values.loader,
+                decoder_values.decode,
+                self.chunk_rows,
+                opts.columns,
             )
             session = _Session(conn, catalog, decoder, info.confirmed)
             session.nudge_slot = f"cache_worker_nudge_{conn.info.backend_pid}"

@@ -1,16 +1,16 @@
 """The run loop: source thread (log → rules) → bounded queue → batches → sink → checkpoint.
 
-The source thread parses the log, turns each transaction's changes into actions with the rules,
-and blocks on a bounded queue when the apply side is behind (back-pressure). The main thread
-collects items into a batch that closes on size or after a few milliseconds, coalesces their
-actions, applies them in one sink call, and only then saves the checkpoint (the last transaction-boundary position in the batch) and acks the
-source. A failure of Redis or of the database is retried with backoff and never advances the
-checkpoint. Actions Redis refuses for good (NOPERM, OOM, a value it rejects) while it applies the
-rest are retried a few times on their own; what still fails is written to the dead-letter store
-and its key evicted, and so is a change a rule cannot evaluate, so one poison change costs a
-cache miss instead of stopping the worker. ``request_stop`` (first SIGTERM) finishes the current
-batch; burst options stop the loop after N transactions or once the source is caught up, which
-makes the loop testable.
+The source thread parses the log, turns each transaction's changes into actions with the rules, and
+blocks on a bounded queue when the apply side is behind (back-pressure). The main thread collects
+items into a batch that closes on size or after a few milliseconds, coalesces their actions,
+applies them in one sink call, and only then saves the checkpoint (the last transaction-boundary
+position in the batch) and acks the source. A failure of Redis or of the database is retried with
+backoff and never advances the checkpoint. Actions Redis refuses for good (NOPERM, OOM, a value it
+rejects) while it applies the rest are retried a few times on their own; what still fails is
+written to the dead-letter store and its key evicted, and so is a change a rule cannot evaluate, so
+one poison change costs a cache miss instead of stopping the worker. ``request_stop`` (first
+SIGTERM) finishes the current batch; burst options stop the loop after N transactions or once the
+source is caught up, which makes the loop testable.
 """
 
 from __future__ import annotations
@@ -130,9 +130,7 @@ class Runner:
         self.stats = RunStats()
         self._preflight = preflight
         self._describe = describe_position or (lambda p: str(p.to_dict()))
-        self._queue: Handoff[_QueueItem] = Handoff(
-            self.options.queue_size, self.options.queue_rows
-        )
+        self._queue: Handoff[_QueueItem] = Handoff(self.options.queue_size, self.options.queue_rows)
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self._closing = threading.Event()

@@ -235,6 +235,57 @@ def test_delete_key_only_drops_unsent_columns_full_keeps_nulls() -> None:
     assert second.before == {"id": 8, "name": None, "price": Decimal("3")}
 
 
+def test_rows_carry_only_the_columns_the_rules_read() -> None:
+    loaded: list[bytes] = []
+
+    def loader(oid: int) -> Callable[[bytes], Any]:
+        def load(raw: bytes) -> Any:
+            loaded.append(bytes(raw))
+            return _LOADERS.get(oid, _LOADERS[TEXT])(raw)
+
+        return load
+
+    decoder = PgOutputDecoder(
+        [ITEMS], loader, _fallback, columns={ITEMS: frozenset({"id", "price"})}
+    )
+    [tx] = feed_all(
+        decoder,
+        [
+            begin(0x2000),
+            ITEMS_REL,
+            insert(16001, [1, "skipped", "1.50"]),
+            update(16001, [1, UNCHANGED, None], old=[1, "old", "1.00"], old_kind=b"O"),
+            update(16001, [2, UNCHANGED, "2"], old=[1, None, None], old_kind=b"K"),
+            delete(16001, [2, None, None], old_kind=b"K"),
+            commit(0x2100),
+        ],
+    )
+    insert_, update_, key_change, delete_ = tx.changes
+    assert insert_.after == {"id": 1, "price": Decimal("1.50")}
+    # An unchanged TOAST value of a column nobody reads does not make the row partial.
+    assert (update_.before, update_.after) == (
+        {"id": 1, "price": Decimal("1.00")},
+        {"id": 1, "price": None},
+    )
+    assert update_.partial is False
+    assert (key_change.before, key_change.after) == ({"id": 1}, {"id": 2, "price": Decimal("2")})
+    assert delete_.before == {"id": 2}
+    assert b"skipped" not in loaded and b"old" not in loaded
+
+
+def test_rules_naming_a_column_the_relation_lacks_get_every_column() -> None:
+    decoder = PgOutputDecoder(
+        [ITEMS],
+        lambda oid: _LOADERS.get(oid, _LOADERS[TEXT]),
+        _fallback,
+        columns={ITEMS: frozenset({"id", "dropped"})},
+    )
+    [tx] = feed_all(
+        decoder, [begin(0x2000), ITEMS_REL, insert(16001, [1, "a", "1"]), commit(0x2100)]
+    )
+    assert tx.changes[0].after == {"id": 1, "name": "a", "price": Decimal("1")}
+
+
 def test_truncate_lists_only_wanted_tables() -> None:
     decoder = make_decoder()
     [tx] = feed_all(
