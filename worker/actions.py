@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, for speed, like RowChange: rules build one per key; treat them as values.
+@dataclass(slots=True)
 class Evict:
     """Delete ``key`` together with its version and lease companions."""
 
@@ -20,7 +21,7 @@ class Evict:
     version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refresh:
     """Write ``key`` with a value unless Redis already holds a newer ``version``.
 

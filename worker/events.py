@@ -91,9 +91,12 @@ class Position:
         return cls(version=int(data["version"]), coords=coords)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a frozen dataclass sets each field through
+# object.__setattr__, which made building one cost five times as much, and sources build one
+# per row (as rules build an action per key).
+@dataclass(slots=True)
 class RowChange:
-    """One row changed by one statement.
+    """One row changed by one statement; a value, never changed once made.
 
     ``before``/``after`` map column names to Python values; ``None`` where the log carries no image
     (no ``before`` for INSERT, no ``after`` for DELETE). ``version`` orders the change against other
