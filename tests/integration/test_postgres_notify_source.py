@@ -561,6 +561,31 @@ def test_type_matrix_insert_update_delete(
     _same(again.after, _logical_row(source.options, 3))
 
 
+def test_rows_carry_the_columns_the_rules_read_and_the_primary_key(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    db.execute(TYPES_DDL)
+    keep = frozenset({"n", "ts", "m"})
+    source = _setup(postgres, pg_db, tables=(TYPES,), columns={TYPES: keep})
+    values = _type_values(1)
+    _insert_types(db, values)
+    db.execute("UPDATE app.types SET n = 0.5, t = 'unread' WHERE id = 1")
+    with _Streamer(source) as streamer:
+        inserted, updated = streamer.changes(2)
+    expected = _expected(values)
+    cut = {c: expected[c] for c in ("id", "n", "ts", "m")}
+    _same(inserted.after, cut)
+    _same(updated.before, cut)
+    _same(updated.after, cut | {"n": Decimal("0.5000000000")})
+
+    # A rule column the table lacks: every column, so the rules report the missing one.
+    _insert_types(db, _type_values(2))
+    lacking = _source(postgres, pg_db, tables=(TYPES,), columns={TYPES: keep | {"gone"}})
+    with _Streamer(lacking) as streamer:
+        (again,) = streamer.changes(1)
+    _same(again.after, _expected(_type_values(2)))
+
+
 def test_multi_statement_transaction_is_one_transaction_in_order(
     postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
 ) -> None:
