@@ -1224,8 +1224,12 @@ class PostgresNotifySource:
             for item in items:
                 yield item
                 last = item.position
-            if last is not None and not self._wait_for_ack(last):
-                return
+            if last is not None:
+                # The next batch is read only once this one is acked (then deleted): the run
+                # loop must not hold it back waiting for more.
+                yield Heartbeat(None, awaiting_ack=True)
+                if not self._wait_for_ack(last):
+                    return
             done = [row[0] for row in rows]
             log.debug(
                 "outbox_batch_consumed",

@@ -155,9 +155,13 @@ class _Streamer:
                 return item
 
     def heartbeat(self, timeout: float = 20.0) -> Heartbeat:
-        item = self.next(timeout)
-        assert isinstance(item, Heartbeat), item
-        return item
+        """The next heartbeat, skipping the "awaiting ack" one that follows every batch."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self.next(max(0.01, deadline - time.monotonic()))
+            assert isinstance(item, Heartbeat), item
+            if not item.awaiting_ack:
+                return item
 
     def changes(self, count: int, ack: bool = True, timeout: float = 30.0) -> list[RowChange]:
         """Exactly ``count`` changes, acknowledging every transaction as it arrives."""

@@ -205,3 +205,35 @@ def test_unsaved_position_is_saved_when_the_loop_fails():
     assert set(sink.values) == {"user:1", "user:2"}
     assert store.position.version == 20
     assert [p.version for p in store.saves][-1] == 20
+
+
+class _AckGatedSource(MemorySource):
+    """Like postgres-notify: after a batch it says so, then reads on only once it is acked."""
+
+    def __init__(self) -> None:
+        super().__init__([], COLUMNS)
+        self.acked_in_time = threading.Event()
+
+    def stream(self, start: Position):
+        first = tx(10, ins(1))
+        yield first
+        yield Heartbeat(None, awaiting_ack=True)
+        # Bounded: a runner that kept collecting would hold the batch for batch_max_delay_s
+        # (an hour here), and this wait would give up long before.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not self.acked:
+            time.sleep(0.005)
+        if self.acked:
+            self.acked_in_time.set()
+        yield Heartbeat(first.position, caught_up=True)
+        self._closed.wait()
+
+
+def test_a_source_awaiting_its_ack_gets_the_batch_applied_at_once():
+    source = _AckGatedSource()
+    sink, store = MemorySink(), MemoryCheckpointStore()
+    options = RunOptions(batch_max_delay_s=3600, progress_interval_s=3600, until_idle=True)
+    Runner(source, sink, store, rules(), options).run()
+    assert source.acked_in_time.is_set()
+    assert sink.values == {"user:1": '{"id":1,"name":"n"}'}
+    assert store.position.version == 10
