@@ -81,9 +81,12 @@ class _SourceFailed:
 
 @dataclass(slots=True)
 class _Evaluated:
-    """A transaction with its actions, worked out on the source thread."""
+    """A transaction's actions, worked out on the source thread, and what the batch needs of
+    the transaction itself (not its rows, which can go once their actions exist)."""
 
-    transaction: Transaction
+    position: Position | None
+    committed_at: float | None
+    rows: int
     actions: list[CacheAction]
     failures: list[RuleFailure]
 
@@ -223,7 +226,13 @@ class Runner:
             actions.extend(produced)
             if failed:
                 failures.extend(failed)
-        return _Evaluated(transaction, actions, failures)
+        return _Evaluated(
+            transaction.position,
+            transaction.committed_at,
+            len(transaction.changes),
+            actions,
+            failures,
+        )
 
     def _pump(self, start: Position) -> None:
         # The rules run here, not on the apply side: while the main thread waits for Redis to
@@ -284,14 +293,13 @@ class Runner:
                 raw_actions.extend(item.actions)
                 if item.failures:
                     batch.rule_failures.extend(item.failures)
-                tx = item.transaction
-                batch.rows += len(tx.changes)
+                batch.rows += item.rows
                 batch.caught_up = False
-                if tx.position is not None:
-                    batch.position = tx.position
+                if item.position is not None:
+                    batch.position = item.position
                     batch.transactions += 1
-                    if tx.committed_at is not None:
-                        batch.committed_at = tx.committed_at
+                    if item.committed_at is not None:
+                        batch.committed_at = item.committed_at
             else:
                 if item.position is not None:
                     batch.position = item.position
