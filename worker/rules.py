@@ -244,7 +244,21 @@ class Rule:
         assert self.watch is not None
         return any(before.get(c) != after.get(c) for c in self.watch)
 
+    def _plain_evict_actions(self, change: RowChange) -> list[CacheAction]:
+        """``actions_for`` of an evict rule without ``when`` or ``watch``, on full images: the
+        keys of the old row, then those of the new one, each evicted once."""
+        keys = self.keys_of(change.before) if change.before is not None else []
+        if change.after is not None and change.op is not Op.DELETE:
+            keys += self.keys_of(change.after)
+        name, version = self.name, change.version
+        if len(keys) == 2 and keys[0] == keys[1]:
+            # The common UPDATE: the row kept its key.
+            return [Evict(keys[0], name, version)]
+        return [Evict(key, name, version) for key in dict.fromkeys(keys)]
+
     def actions_for(self, change: RowChange) -> list[CacheAction]:
+        if self.action == "evict" and not self.when and self.watch is None and not change.partial:
+            return self._plain_evict_actions(change)
         op = change.op
         full_after = _fill_unchanged(change) if change.partial else change.after
         before = change.before if self.passes(change.before) else None
@@ -404,6 +418,7 @@ class RuleSet:
         for rule in self.rules:
             self._by_table.setdefault(rule.table, []).append(rule)
         self._truncate_warned: set[TableRef] = set()
+        self._last: tuple[TableRef | None, list[Rule] | None] = (None, None)
 
     @property
     def tables(self) -> list[TableRef]:
@@ -445,7 +460,12 @@ class RuleSet:
         A failing rule contributes evictions of the keys it can still render, so its cache keys
         do not keep a value the change made stale; the other rules of the table are unaffected.
         """
-        rules = self._by_table.get(change.table)
+        # Sources hand over one TableRef object per table, so the last lookup usually answers
+        # by identity, without hashing and comparing two dataclasses per change.
+        last_table, rules = self._last
+        if change.table is not last_table:
+            rules = self._by_table.get(change.table)
+            self._last = (change.table, rules)
         if not rules:
             return [], _NO_FAILURES
         if change.op is Op.TRUNCATE:

@@ -269,3 +269,37 @@ def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns():
         whole = rules.actions_for(change(op, old, new))
         projected = rules.actions_for(change(op, old and cut(old), new and cut(new)))
         assert projected == whole and whole
+
+
+def test_plain_evict_rule_evicts_every_old_and_new_key_once_in_order():
+    r = rule(
+        action="evict",
+        keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("email:{email}")),
+    )
+    a = {"id": 1, "email": "a@x"}
+    b = {"id": 1, "email": "b@x"}
+    assert r.actions_for(change(Op.INSERT, None, a)) == [
+        Evict("user:1", "r", 7),
+        Evict("email:a@x", "r", 7),
+    ]
+    assert r.actions_for(change(Op.DELETE, a, None)) == [
+        Evict("user:1", "r", 7),
+        Evict("email:a@x", "r", 7),
+    ]
+    assert r.actions_for(change(Op.UPDATE, a, b)) == [
+        Evict("user:1", "r", 7),
+        Evict("email:a@x", "r", 7),
+        Evict("email:b@x", "r", 7),
+    ]
+    # A NULL key column renders no key; the other template still does.
+    assert r.actions_for(change(Op.UPDATE, {"id": 2, "email": None}, {"id": 2, "email": None})) == [
+        Evict("user:2", "r", 7)
+    ]
+    # A DELETE's after image (none) and an UPDATE without an old image.
+    assert r.actions_for(change(Op.UPDATE, None, b)) == [
+        Evict("user:1", "r", 7),
+        Evict("email:b@x", "r", 7),
+    ]
+    # With `when`, the rule takes the general path and filters.
+    filtered = rule(action="evict", when={"active": True})
+    assert filtered.actions_for(change(Op.INSERT, None, {"id": 3, "active": False})) == []
