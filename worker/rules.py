@@ -247,10 +247,25 @@ class Rule:
     def _plain_evict_actions(self, change: RowChange) -> list[CacheAction]:
         """``actions_for`` of an evict rule without ``when`` or ``watch``, on full images: the
         keys of the old row, then those of the new one, each evicted once."""
-        keys = self.keys_of(change.before) if change.before is not None else []
-        if change.after is not None and change.op is not Op.DELETE:
-            keys += self.keys_of(change.after)
+        before, after = change.before, change.after
+        if after is not None and change.op is Op.DELETE:
+            after = None
         name, version = self.name, change.version
+        if len(self.keys) == 1:
+            # One template: one key per image, so no list building or de-duplication. A row
+            # that renders no key goes the long way, which says why.
+            render = self.keys[0].render
+            old = render(before) if before is not None else None
+            new = render(after) if after is not None else None
+            if (old is not None or before is None) and (new is not None or after is None):
+                if old is None or old == new:
+                    return [Evict(new, name, version)] if new is not None else []
+                if new is None:
+                    return [Evict(old, name, version)]
+                return [Evict(old, name, version), Evict(new, name, version)]
+        keys = self.keys_of(before) if before is not None else []
+        if after is not None:
+            keys += self.keys_of(after)
         if len(keys) == 2 and keys[0] == keys[1]:
             # The common UPDATE: the row kept its key.
             return [Evict(keys[0], name, version)]

@@ -303,3 +303,21 @@ def test_plain_evict_rule_evicts_every_old_and_new_key_once_in_order():
     # With `when`, the rule takes the general path and filters.
     filtered = rule(action="evict", when={"active": True})
     assert filtered.actions_for(change(Op.INSERT, None, {"id": 3, "active": False})) == []
+
+
+def test_plain_evict_rule_with_one_template():
+    r = rule(action="evict")
+    one, two = {"id": 1}, {"id": 2}
+    assert r.actions_for(change(Op.INSERT, None, one)) == [Evict("user:1", "r", 7)]
+    assert r.actions_for(change(Op.DELETE, one, None)) == [Evict("user:1", "r", 7)]
+    assert r.actions_for(change(Op.UPDATE, one, dict(one))) == [Evict("user:1", "r", 7)]
+    assert r.actions_for(change(Op.UPDATE, one, two)) == [
+        Evict("user:1", "r", 7),
+        Evict("user:2", "r", 7),
+    ]
+    assert r.actions_for(change(Op.UPDATE, None, two)) == [Evict("user:2", "r", 7)]
+    # A NULL key column on one side: the other side's key only (and the skip is counted).
+    assert r.actions_for(change(Op.UPDATE, {"id": None}, two)) == [Evict("user:2", "r", 7)]
+    assert r.actions_for(change(Op.UPDATE, one, {"id": None})) == [Evict("user:1", "r", 7)]
+    assert r.actions_for(change(Op.DELETE, {"id": None}, None)) == []
+    assert r._null_skips == 3
