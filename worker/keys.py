@@ -43,7 +43,9 @@ def version_key(key: str) -> str:
 
 def companion_keys(key: str) -> tuple[str, str]:
     """``(version_key(key), lease_key(key))``, working out the slot anchor once."""
-    anchor = _slot_anchor(key)
+    # The usual key has no braces at all and is wrapped whole; checked inline, as the sink asks
+    # for every key it writes.
+    anchor = _slot_anchor(key) if "{" in key or "}" in key else "{" + key + "}"
     return anchor + VERSION_SUFFIX, anchor + LEASE_SUFFIX
 
 

@@ -35,6 +35,7 @@ def test_companions_share_the_key_slot(key: str) -> None:
     slot = redis_py_key_slot(key.encode())
     assert redis_py_key_slot(version_key(key).encode()) == slot
     assert redis_py_key_slot(lease_key(key).encode()) == slot
+    assert companion_keys(key) == (version_key(key), lease_key(key))
 
 
 @pytest.mark.parametrize("key", ["foo{}bar", "{}", "{}foo", "}foo{", "a{}b{c}"])
@@ -45,6 +46,7 @@ def test_keys_with_a_close_brace_but_no_usable_tag_keep_their_name(key: str) -> 
     assert hash_tag(key) is None
     assert version_key(key) == key + VERSION_SUFFIX
     assert lease_key(key) == key + LEASE_SUFFIX
+    assert companion_keys(key) == (key + VERSION_SUFFIX, key + LEASE_SUFFIX)
     assert key_slot(key) == redis_py_key_slot(key.encode())
 
 
