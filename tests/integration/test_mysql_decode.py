@@ -231,13 +231,20 @@ def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return decoded
 
 
+@pytest.fixture
+def every_type(
+    mariadb: MariaDBServer, mysql_db: str, mysql_conn: pymysql.Connection[Any]
+) -> tuple[list[TableRef], Position, Position]:
+    """The table of every column type, written; its tables and the binlog range of the rows."""
+    return _write_every_type(mariadb, mysql_db, mysql_conn)
+
+
 def test_fast_decoder_equals_the_library_on_every_column_type(
     mariadb: MariaDBServer,
-    mysql_db: str,
-    mysql_conn: pymysql.Connection[Any],
+    every_type: tuple[list[TableRef], Position, Position],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    tables, start, end = _write_every_type(mariadb, mysql_db, mysql_conn)
+    tables, start, end = every_type
 
     decoded = _counting_decodes(monkeypatch)
     fast = _stream(MySQLSource(_options(mariadb, tables)), start, end)
@@ -272,11 +279,10 @@ PROJECTIONS = [
 
 def test_projected_images_equal_the_full_images_cut_to_the_kept_columns(
     mariadb: MariaDBServer,
-    mysql_db: str,
-    mysql_conn: pymysql.Connection[Any],
+    every_type: tuple[list[TableRef], Position, Position],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    tables, start, end = _write_every_type(mariadb, mysql_db, mysql_conn)
+    tables, start, end = every_type
     full = _stream(MySQLSource(_options(mariadb, tables)), start, end)
     assert len(full) > 400
     for keep in PROJECTIONS:
