@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import uuid
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -98,6 +99,12 @@ def test_json_text_is_the_standard_encoders_whichever_encoder_writes_it():
         {"id": 1, "name": 'é\u2028\x00"\\', "n": None, "ok": True, "big": 2**64 - 1},
         {"at": dt.datetime(1800, 1, 1, 0, 0, 0, 1, tzinfo=tz), "t": dt.time(1, 2, 3, 5)},
         {"d": dt.date(9999, 12, 31), "u": uuid.UUID(int=7), "dec": Decimal("-0.000")},
+        # Naive and UTC datetimes are orjson's own; a zone's historical offset is not.
+        {
+            "utc": dt.datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=dt.UTC),
+            "naive": dt.datetime(1, 1, 1),
+        },
+        {"paris": dt.datetime(1800, 1, 1, tzinfo=ZoneInfo("Europe/Paris")), "n": 1},
         {"doc": {"a": [1, {"b": "c"}], "z": None}, "tags": ["x", "y"], "bin": b"\x00\xff"},
         {"set": frozenset({"b", "a"}), "clock": dt.timedelta(seconds=-1)},
         {"huge": 2**70, "tiny": -(2**63)},  # over 64 bits: the standard encoder writes it
