@@ -27,6 +27,7 @@ from connectors.mysql import (
     _enum_values,  # the binlog source's parser of enum(...)/set(...) column types
     _float32,  # the binlog source's FLOAT shortening: both paths must round alike
     _json_text,  # MariaDB JSON text -> value, kept as text when invalid, as the binlog does
+    open_connection,
     translate_error,
 )
 from worker.errors import CacheWorkerError, SchemaError
@@ -175,7 +176,7 @@ class MySQLRowReader:
             }
             if opts.ssl is not None:
                 kwargs["ssl"] = opts.ssl
-            conn = pymysql.connect(**kwargs)
+            conn = open_connection(**kwargs)
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET time_zone = '+00:00'")

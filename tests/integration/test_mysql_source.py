@@ -31,6 +31,7 @@ from connectors.mysql import (
     MySQLOptions,
     MySQLSource,
     make_position,
+    open_connection,
     preflight,
 )
 from connectors.mysql_rows import MySQLRowReader
@@ -783,3 +784,25 @@ def test_stream_retries_while_the_server_is_down_until_closed(mysql_db: str) -> 
     assert "secret-Pw-123" not in repr(logs)
     down = {r.name: r for r in source.checks()}
     assert not down[CHECK_REACHABLE].ok and all(not r.ok for r in down.values())
+
+
+def test_connections_share_one_preferred_tls_context(mariadb: MariaDBServer) -> None:
+    # No TLS options: pymysql prefers TLS and builds a context per connection from the CA
+    # store; ours build it once. Each connection must still work, with or without server TLS.
+    settings = {
+        "host": mariadb.host,
+        "port": mariadb.port,
+        "user": mariadb.user,
+        "password": mariadb.password,
+        "autocommit": True,
+    }
+    first, second = open_connection(**settings), open_connection(**settings)
+    try:
+        for conn in (first, second):
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+        assert getattr(first, "ctx") is getattr(second, "ctx")  # noqa: B009
+    finally:
+        first.close()
+        second.close()
