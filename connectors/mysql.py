@@ -169,9 +169,12 @@ def open_connection(**kwargs: Any) -> pymysql.Connection[Any]:
         if _preferred(conn):
             _preferred_tls.append(getattr(conn, "ctx"))  # noqa: B009 - not in pymysql's stubs
         return conn
-    conn = pymysql.connect(defer_connect=True, **kwargs)
-    if _preferred(conn):
-        setattr(conn, "ctx", _preferred_tls[0])  # noqa: B010 - read by connect() below
+    # Made without TLS (pymysql would build the context in __init__), then set up exactly as
+    # its preferred mode leaves a connection: TLS when the server offers it, never required.
+    conn = pymysql.connect(defer_connect=True, ssl_disabled=True, **kwargs)
+    setattr(conn, "ssl", True)  # noqa: B010 - pymysql's attributes, not in its stubs
+    setattr(conn, "_ssl_required", False)  # noqa: B010
+    setattr(conn, "ctx", _preferred_tls[0])  # noqa: B010
     conn.connect()
     return conn
 
