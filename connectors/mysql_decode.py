@@ -466,54 +466,79 @@ def _column_source(index: int, column: Any, namespace: dict[str, Any]) -> list[s
     return [f"{var}, pos = R{index}(data, pos)"]
 
 
-def _compile_image(
-    columns: Sequence[tuple[str, Any, Reader, Convert | None]],
-    keep: frozenset[str] | None = None,
-) -> Callable[[bytes, int], tuple[Image, int]]:
-    """One straight-line function that reads a full row image of exactly these columns.
+RowsReader = Callable[[bytes, int, int], tuple[list[tuple[Image | None, Image | None]], int]]
 
-    Generated once per table map: a loop over per-column reader objects costs a call, a tuple
-    and a branch per column, which at tens of thousands of rows a second is most of the
-    decoding time. Names and readers reach the code only through its namespace (``K<i>``,
-    ``R<i>``, ``C<i>``), never as text, so no column name can change what the code does.
-    Columns outside ``keep`` (when given) are stepped over: no value is built for them and the
-    image leaves them out.
+
+def _image_source(
+    columns: Sequence[tuple[str, Any, Reader, Convert | None]],
+    keep: frozenset[str] | None,
+    namespace: dict[str, Any],
+    target: str,
+) -> list[str]:
+    """Statements that read one row image at ``pos`` into the dict ``target``, moving ``pos``.
+
+    Names and readers reach the code only through its namespace (``K<i>``, ``R<i>``, ``C<i>``),
+    never as text, so no column name can change what the code does. Columns outside ``keep``
+    (when given) are stepped over: no value is built for them and the image leaves them out.
     """
     null_bytes = (len(columns) + 7) // 8
-    namespace: dict[str, Any] = {"from_bytes": int.from_bytes}
-    lines = [
-        "def image(data, pos):",
-        f"    nulls = from_bytes(data[pos : pos + {null_bytes}], 'little')",
-        f"    pos += {null_bytes}",
-    ]
+    if null_bytes == 1:
+        lines = ["nulls = data[pos]", "pos += 1"]
+    else:
+        lines = [f"nulls = from_bytes(data[pos : pos + {null_bytes}], 'little')"]
+        lines.append(f"pos += {null_bytes}")
     kept: list[int] = []
     for index, (name, column, reader, convert) in enumerate(columns):
         namespace[f"R{index}"] = reader
         if keep is not None and name not in keep:
-            lines.append(f"    if not nulls & {1 << index}:")
-            lines.extend(f"        {line}" for line in _skip_source(index, column))
+            lines.append(f"if not nulls & {1 << index}:")
+            lines.extend(f"    {line}" for line in _skip_source(index, column))
             continue
         kept.append(index)
         namespace[f"K{index}"] = name
-        lines.append(f"    if nulls & {1 << index}:")
-        lines.append(f"        v{index} = None")
-        lines.append("    else:")
-        lines.extend(f"        {line}" for line in _column_source(index, column, namespace))
+        lines.append(f"if nulls & {1 << index}:")
+        lines.append(f"    v{index} = None")
+        lines.append("else:")
+        lines.extend(f"    {line}" for line in _column_source(index, column, namespace))
         if convert is not None:
             namespace[f"C{index}"] = convert
-            lines.append(f"        if v{index} is not None:")
-            lines.append(f"            v{index} = C{index}(v{index})")
+            lines.append(f"    if v{index} is not None:")
+            lines.append(f"        v{index} = C{index}(v{index})")
     items = ", ".join(f"K{i}: v{i}" for i in kept)
-    lines.append(f"    return {{{items}}}, pos")
+    lines.append(f"{target} = {{{items}}}")
+    return lines
+
+
+def _compile_rows(
+    columns: Sequence[tuple[str, Any, Reader, Convert | None]],
+    keep: frozenset[str] | None,
+    images: tuple[str, ...],
+) -> RowsReader:
+    """One straight-line loop that reads every row of a rows event: ``images`` names the images
+    each row has (``before``, ``after`` or both), and the rows come out as (before, after).
+
+    Generated once per table map and event kind: a loop over per-column reader objects, or even
+    one call per image, costs a call, a tuple and a branch each, which at tens of thousands of
+    rows a second is most of the decoding time.
+    """
+    namespace: dict[str, Any] = {"from_bytes": int.from_bytes}
+    lines = ["def rows(data, pos, end):", "    out = []", "    append = out.append"]
+    lines.append("    while pos < end:")
+    for target in images:
+        lines.extend(f"        {line}" for line in _image_source(columns, keep, namespace, target))
+    before = "before" if "before" in images else "None"
+    after = "after" if "after" in images else "None"
+    lines.append(f"        append(({before}, {after}))")
+    lines.append("    return out, pos")
     exec(compile("\n".join(lines), "<cache-worker row image>", "exec"), namespace)
-    image: Callable[[bytes, int], tuple[Image, int]] = namespace["image"]
-    return image
+    rows: RowsReader = namespace["rows"]
+    return rows
 
 
 class TableDecoder:
     """Decodes the full row images of one table map; built once, used for every rows event."""
 
-    __slots__ = ("_full", "_image", "_ncols")
+    __slots__ = ("_deletes", "_full", "_inserts", "_ncols", "_updates")
 
     def __init__(
         self,
@@ -524,7 +549,9 @@ class TableDecoder:
         self._full = b"\xff" * (self._ncols // 8) + (
             bytes([(1 << (self._ncols % 8)) - 1]) if self._ncols % 8 else b""
         )
-        self._image = _compile_image(columns, keep)
+        self._updates = _compile_rows(columns, keep, ("before", "after"))
+        self._inserts = _compile_rows(columns, keep, ("after",))
+        self._deletes = _compile_rows(columns, keep, ("before",))
 
     def decode(
         self, data: bytes, event_type: int, end: int
@@ -546,21 +573,12 @@ class TableDecoder:
             if data[pos : pos + width] != full:
                 return None
             pos += width
-        image = self._image
-        rows: list[tuple[Image | None, Image | None]] = []
         if update:
-            while pos < end:
-                before, pos = image(data, pos)
-                after, pos = image(data, pos)
-                rows.append((before, after))
+            rows, pos = self._updates(data, pos, end)
         elif event_type in INSERT_EVENTS:
-            while pos < end:
-                after, pos = image(data, pos)
-                rows.append((None, after))
+            rows, pos = self._inserts(data, pos, end)
         else:
-            while pos < end:
-                before, pos = image(data, pos)
-                rows.append((before, None))
+            rows, pos = self._deletes(data, pos, end)
         if pos != end:
             raise ValueError(f"row images overran the event by {pos - end} bytes")
         return rows
