@@ -1197,10 +1197,15 @@ def test_backlog_is_reported_and_warned(
 ) -> None:
     source = _setup(postgres, pg_db, outbox_batch=1)
     assert source.outbox_backlog() == (0, None)
+    assert source.progress_fields() == {"outbox_backlog": 0, "outbox_oldest_s": None}
     for i in range(11):
         db.execute("INSERT INTO app.t VALUES (%s, 0, 'x')", (i,))
     count, age = source.outbox_backlog()
     assert count == 11 and age is not None and 0 <= age < 60
+    # The progress event's cheap figure: the waiting id range (exact without rollbacks).
+    fields = source.progress_fields()
+    assert fields["outbox_backlog"] == 11
+    assert isinstance(fields["outbox_oldest_s"], float) and 0 <= fields["outbox_oldest_s"] < 60
     backlog = {r.name: r for r in source.checks()}[CHECK_BACKLOG]
     assert backlog.ok and backlog.warning and "11 row(s)" in backlog.detail
     source.close()
