@@ -91,7 +91,8 @@ class PostgresOptions:
     max_changes: int = 5000
     heartbeat_s: float = 10.0
     # The only columns the rules read, by table (a table not named here: all of them); the
-    # postgres-logical source leaves the others' values undecoded and out of the rows.
+    # sources leave the others' values undecoded (logical) or unconverted (notify, which keeps
+    # the primary key too) and out of the rows.
     columns: Mapping[TableRef, frozenset[str]] = field(default_factory=dict)
 
     @property
@@ -260,25 +261,32 @@ class ColumnInfo:
     type_name: str
 
 
+# The ordinary or partitioned table ``c`` named by the parameters (schema, name), as the end of a
+# query that selects from it.
+TABLE_BY_NAME = (
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')"
+)
+
+
+def table_oid(conn: psycopg.Connection[Any], table: TableRef) -> int | None:
+    """The table's OID; None if there is no such ordinary or partitioned table."""
+    row = conn.execute("SELECT c.oid " + TABLE_BY_NAME, (table.schema, table.name)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def table_columns(conn: psycopg.Connection[Any], table: TableRef) -> list[ColumnInfo] | None:
     """The table's columns in ``attnum`` order (dropped ones left out); None if it is missing."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT c.oid FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (table.schema, table.name),
-        )
-        row = cur.fetchone()
-        if row is None:
-            return None
-        cur.execute(
-            "SELECT attname, atttypid, pg_catalog.format_type(atttypid, atttypmod) "
-            "FROM pg_catalog.pg_attribute "
-            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            (row[0],),
-        )
-        return [ColumnInfo(str(n), int(o), str(t)) for n, o, t in cur.fetchall()]
+    oid = table_oid(conn, table)
+    if oid is None:
+        return None
+    rows = conn.execute(
+        "SELECT attname, atttypid, pg_catalog.format_type(atttypid, atttypmod) "
+        "FROM pg_catalog.pg_attribute "
+        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        (oid,),
+    ).fetchall()
+    return [ColumnInfo(str(n), int(o), str(t)) for n, o, t in rows]
 
 
 def qualified(table: TableRef) -> sql.Composable:
@@ -642,6 +650,7 @@ def replica_identity_checks(
 __all__ = [
     "CHECK_REACHABLE",
     "CHECK_REPLICA_IDENTITY",
+    "TABLE_BY_NAME",
     "ColumnInfo",
     "PostgresOptions",
     "ReplicaIdentity",
@@ -660,5 +669,6 @@ __all__ = [
     "replica_identity_checks",
     "server_version",
     "table_columns",
+    "table_oid",
     "translate_error",
 ]

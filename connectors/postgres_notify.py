@@ -39,6 +39,7 @@ from psycopg import sql
 
 from connectors.postgres_common import (
     CHECK_REACHABLE,
+    TABLE_BY_NAME,
     ColumnInfo,
     PostgresOptions,
     TextDecoder,
@@ -48,6 +49,7 @@ from connectors.postgres_common import (
     error_text,
     qualified,
     table_columns,
+    table_oid,
     translate_error,
 )
 from worker.errors import (
@@ -401,20 +403,15 @@ def trigger_sql(
 
 def primary_key(conn: psycopg.Connection[Any], table: TableRef) -> tuple[str, ...] | None:
     """The primary key columns in key order, ``()`` without one, None if the table is missing."""
-    row = conn.execute(
-        "SELECT c.oid FROM pg_catalog.pg_class c "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-        (table.schema, table.name),
-    ).fetchone()
-    if row is None:
+    oid = table_oid(conn, table)
+    if oid is None:
         return None
     rows = conn.execute(
         "SELECT a.attname FROM pg_catalog.pg_index i "
         "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
         "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
-        (row[0],),
+        (oid,),
     ).fetchall()
     return tuple(str(r[0]) for r in rows)
 
@@ -422,9 +419,7 @@ def primary_key(conn: psycopg.Connection[Any], table: TableRef) -> tuple[str, ..
 def table_kind(conn: psycopg.Connection[Any], table: TableRef) -> tuple[bool, bool] | None:
     """(partitioned, has inheritance children) of a table, None if it is missing."""
     row = conn.execute(
-        "SELECT c.relkind = 'p', c.relkind = 'r' AND c.relhassubclass "
-        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        "SELECT c.relkind = 'p', c.relkind = 'r' AND c.relhassubclass " + TABLE_BY_NAME,
         (table.schema, table.name),
     ).fetchone()
     return None if row is None else (bool(row[0]), bool(row[1]))

@@ -23,6 +23,7 @@ from connectors.postgres_common import (
     close_quietly,
     connect,
     qualified,
+    table_oid,
     translate_error,
 )
 from worker.errors import CacheWorkerError, SchemaError
@@ -71,15 +72,10 @@ class PostgresRowReader:
 
     def _table_oid(self, table: TableRef) -> int:
         conn, _ = self._connection()
-        row = conn.execute(
-            "SELECT c.oid FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (table.schema, table.name),
-        ).fetchone()
-        if row is None:
+        oid = table_oid(conn, table)
+        if oid is None:
             raise SchemaError(f"table {table} does not exist")
-        return int(row[0])
+        return oid
 
     def primary_key(self, table: TableRef) -> list[str]:
         if table not in self._keys:
