@@ -93,7 +93,6 @@ else
 end
 return 1
 """
-REFRESH_SHA = hashlib.sha1(REFRESH_SCRIPT.encode()).hexdigest()
 
 # What the worker sends: REFRESH_SCRIPT's logic for up to _REFRESH_GROUP keys per call. Redis
 # spends more on starting a script than on the four commands inside it, so one call per key

@@ -266,9 +266,6 @@ class Rule:
         keys = self.keys_of(before) if before is not None else []
         if after is not None:
             keys += self.keys_of(after)
-        if len(keys) == 2 and keys[0] == keys[1]:
-            # The common UPDATE: the row kept its key.
-            return [Evict(keys[0], name, version)]
         return [Evict(key, name, version) for key in dict.fromkeys(keys)]
 
     def actions_for(self, change: RowChange) -> list[CacheAction]:
