@@ -369,9 +369,7 @@ def _reader(column: Any) -> Reader | None:
     if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING, FIELD_TYPE.BLOB):
         if column.character_set_name != "latin-1":
             return None  # the plan did not take over this column's text decoding
-        if ctype == FIELD_TYPE.BLOB:
-            return _string(column.length_size)
-        return _string(2 if column.max_length > 255 else 1)
+        return _string(_text_prefix(column))
     if ctype == FIELD_TYPE.INT24:
         return _int24(not column.unsigned)
     if ctype == FIELD_TYPE.NEWDECIMAL:
@@ -418,12 +416,19 @@ def _width(column: Any) -> int | None:
     return None
 
 
+def _text_prefix(column: Any) -> int:
+    """Bytes of the length prefix of a CHAR, VARCHAR or BLOB/TEXT value."""
+    if column.type == FIELD_TYPE.BLOB:
+        return int(column.length_size)
+    return 2 if column.max_length > 255 else 1
+
+
 def _length_bytes(column: Any) -> int | None:
-    """The size of the length prefix of a variable-length column (as ``_reader`` reads it)."""
+    """The size of the length prefix of a variable-length column, None for any other."""
     ctype = column.type
-    if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
-        return 2 if column.max_length > 255 else 1
-    if ctype in _LENGTH_PREFIXED or ctype == FIELD_TYPE.BLOB:
+    if ctype in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING, FIELD_TYPE.BLOB):
+        return _text_prefix(column)
+    if ctype in _LENGTH_PREFIXED:
         return int(column.length_size)
     return None
 
@@ -451,7 +456,7 @@ def _column_source(index: int, column: Any, namespace: dict[str, Any]) -> list[s
         size, signed, unsigned = fixed
         namespace[f"U{index}"] = unsigned if column.unsigned else signed
         return [f"{var} = U{index}(data, pos)[0]", f"pos += {size}"]
-    if column.type in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING) and column.max_length <= 255:
+    if column.type in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING) and _text_prefix(column) == 1:
         return [
             "n = data[pos] + 1",
             f"{var} = data[pos + 1 : pos + n].decode('latin-1')",
