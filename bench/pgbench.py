@@ -25,7 +25,9 @@ import psycopg
 from bench.postgres_common import pg_tool, tool_env
 from bench.report import PgbenchResult, Report
 from bench.worker_run import cli, run_until_idle, write_config
+from connectors.postgres_notify import installed_triggers
 from tests.services import PostgresServer, RedisServer
+from worker.events import TableRef
 
 DATABASE = "bench_pgbench"
 TABLE = "public.pgbench_accounts"
@@ -121,14 +123,9 @@ RULE = {
 def _our_triggers(pg: PostgresServer, schema_name: str) -> list[str]:
     """The capture triggers ``cache-worker setup`` put on pgbench_accounts."""
     with pg.connect(DATABASE) as conn:
-        rows = conn.execute(
-            "SELECT t.tgname FROM pg_catalog.pg_trigger t "
-            "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE t.tgrelid = %s::regclass AND n.nspname = %s AND NOT t.tgisinternal",
-            (TABLE, schema_name),
-        ).fetchall()
-    return [str(row[0]) for row in rows]
+        installed = installed_triggers(conn, schema_name)
+    table = TableRef.parse(TABLE)
+    return [trigger.name for trigger in installed if trigger.table == table]
 
 
 def _enable_only(pg: PostgresServer, triggers: list[str]) -> None:
