@@ -321,3 +321,44 @@ def test_plain_evict_rule_with_one_template():
     assert r.actions_for(change(Op.UPDATE, one, {"id": None})) == [Evict("user:1", "r", 7)]
     assert r.actions_for(change(Op.DELETE, {"id": None}, None)) == []
     assert r._null_skips == 3
+
+
+_KEY_VALUES = [1, -7, 2**70, "a", "", "ü{x}", None, Decimal("1.50"), True, 2.5, b"\x00k"]
+_MISSING = object()
+
+
+def _image(value: object, name: str) -> dict[str, object] | None:
+    if value is _MISSING:
+        return {"name": name}
+    return {"id": value, "name": name}
+
+
+@pytest.mark.parametrize("template", ["user:{id}", "{id}", "{{u}}:{id}:x}}"])
+def test_one_column_template_renders_like_the_general_format(template):
+    from worker.encoding import scalar_text
+
+    t = KeyTemplate.parse(template)
+    for value in _KEY_VALUES:
+        expected = None if value is None else t._format.format(scalar_text(value)) or None
+        assert t.render({"id": value}) == expected
+
+
+@pytest.mark.parametrize("action", ["evict", "refresh"])
+@pytest.mark.parametrize("fmt", ["json", "hash"])
+@pytest.mark.parametrize("max_value_bytes", [1_000, 30])
+def test_plain_shortcuts_give_what_the_general_path_gives(action, fmt, max_value_bytes):
+    # The shortcuts of actions_for skip work the general path does; on every shape of change
+    # they must produce exactly its actions (oversize values and unrenderable keys included).
+    r = rule(action=action, format=fmt, max_value_bytes=max_value_bytes)
+    values = [*_KEY_VALUES, _MISSING]
+    checked = 0
+    for op in (Op.INSERT, Op.UPDATE, Op.DELETE):
+        for old in values if op is not Op.INSERT else [_MISSING]:
+            for new in values if op is not Op.DELETE else [_MISSING]:
+                for name in ("Ann", "x" * 40):
+                    before = _image(old, name) if op is not Op.INSERT else None
+                    after = _image(new, name) if op is not Op.DELETE else None
+                    c = change(op, before, after)
+                    assert r.actions_for(c) == r._general_actions(c), (op, old, new, name)
+                    checked += 1
+    assert checked == 2 * (12 + 12 * 12 + 12)
