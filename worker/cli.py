@@ -9,6 +9,7 @@ PositionLost) and ``--version``. Exit codes are ``worker.errors.ExitCode`` and a
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -172,6 +173,7 @@ def _run(
         dead_letters=dead_letters,
     )
     _install_signal_handlers(runner)
+    _tune_gc()
     try:
         stats = runner.run()
     except CacheWorkerError as exc:
@@ -180,6 +182,27 @@ def _run(
         sink.close()
     log.info("exited", transactions=stats.transactions, rows=stats.rows, actions=stats.actions)
     return int(ExitCode.OK)
+
+
+# Collect the youngest generation after this many new container objects, not the default 700.
+_GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for the stream that follows.
+
+    Every row change allocates several containers (row images, the change, its actions) that
+    reference counting frees; hardly any form a cycle. With the default thresholds the collector
+    still ran about a thousand times per 200k rows, and the full collections it triggered walked
+    every object the imports and setup had made: together about a fifth of the worker's CPU time
+    on a bulk statement (measured with a gc callback). Freezing what exists now takes those
+    objects out of every later collection; a higher young threshold makes collections rarer.
+    Cycles (exceptions with their tracebacks, mostly) are still collected, a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _install_signal_handlers(runner: Runner) -> None:
