@@ -98,6 +98,16 @@ class Target:
     met: bool | None
 
 
+@dataclass(frozen=True, slots=True)
+class MachineLoad:
+    """How busy the CPUs were during one part, and how much time the hypervisor stole."""
+
+    part: str
+    seconds: float
+    busy_pct: float | None
+    steal_pct: float | None
+
+
 @dataclass
 class Report:
     """Everything one run measured; sections append as they finish."""
@@ -109,6 +119,7 @@ class Report:
     notify_drain: Result | None = None
     targets: list[Target] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    machine: list[MachineLoad] = field(default_factory=list)
 
 
 def _num(value: float | None, fmt: str = ",.0f") -> str:
@@ -205,6 +216,33 @@ def targets_table(targets: list[Target]) -> str:
     return "\n".join(lines)
 
 
+# Above this share of stolen CPU time a part's absolute numbers are not comparable between runs.
+STEAL_WARNING_PCT = 5.0
+
+
+def machine_table(loads: list[MachineLoad]) -> str:
+    """Per part: its duration, CPU busy share and the share stolen by the hypervisor."""
+    lines = [
+        "### Machine during the run",
+        "",
+        "CPU time of all cores while each part ran. Time stolen by the hypervisor (another "
+        "guest on the host) slows every contender of the part alike: compare ratios within a "
+        f"part; absolute rows/s of a part with more than {STEAL_WARNING_PCT:.0f}% stolen are "
+        "from a slower machine.",
+        "",
+        "| part | seconds | CPU busy % | stolen % |",
+        "|---|---:|---:|---:|",
+    ]
+    for load in loads:
+        steal = _num(load.steal_pct, ".1f")
+        if load.steal_pct is not None and load.steal_pct > STEAL_WARNING_PCT:
+            steal = f"**{steal}**"
+        lines.append(
+            f"| {load.part} | {load.seconds:.0f} | {_num(load.busy_pct, '.1f')} | {steal} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(report: Report) -> str:
     """The whole report: every section that has results, then the targets and any errors."""
     parts = [section_table(s) for s in report.sections if s.results]
@@ -216,6 +254,8 @@ def markdown(report: Report) -> str:
         parts.append(pgbench_table(report.pgbench, report.notify_drain))
     if report.targets:
         parts.append(targets_table(report.targets))
+    if report.machine:
+        parts.append(machine_table(report.machine))
     if report.errors:
         parts.append("### Errors\n\n" + "\n".join(f"- {e}" for e in report.errors))
     return "\n\n".join(parts)
@@ -244,6 +284,7 @@ def to_document(report: Report, meta: dict[str, Any]) -> dict[str, Any]:
         "notify_drain": _result_dict(report.notify_drain) if report.notify_drain else None,
         "targets": [asdict(t) for t in report.targets],
         "errors": list(report.errors),
+        "machine_load": [asdict(m) for m in report.machine],
         "markdown": markdown(report),
     }
 

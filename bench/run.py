@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.report import Report, Result, Section
+from bench import cpu
+from bench.report import MachineLoad, Report, Result, Section
 from bench.sizes import Sizes
 from bench.workload import CHANGES_PER_TRANSACTION
 
@@ -38,6 +39,7 @@ class Run:
     def step(self, name: str, fn: Callable[[], None]) -> None:
         """Run one part; a failure is reported and the run goes on with the next part."""
         self.log(name)
+        began, cpu_before = time.perf_counter(), cpu.read()
         try:
             fn()
         except Exception as exc:
@@ -45,6 +47,14 @@ class Run:
             detail = " / ".join(lines[:1] + lines[-3:]) if len(lines) > 1 else "".join(lines)
             self.report.errors.append(f"{name}: {type(exc).__name__}: {detail}")
             self.log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+        finally:
+            cpu_after = cpu.read()
+            load = cpu.shares(cpu_before, cpu_after) if cpu_before and cpu_after else None
+            busy, steal = load if load is not None else (None, None)
+            seconds = time.perf_counter() - began
+            self.report.machine.append(MachineLoad(name, seconds, busy, steal))
+            if steal is not None:
+                self.log(f"  CPU busy {busy:.0f}%, stolen by the hypervisor {steal:.1f}%")
 
     def section(self, source: str, workload: str, title: str) -> list[Result]:
         """A new section in the report; its results list fills as contenders finish."""

@@ -343,3 +343,37 @@ def test_markdown_and_json_carry_every_part(tmp_path: Path) -> None:
     assert document["lag"][2]["p99_ms"] == 60.0
     assert document["notify_drain"]["rows_per_s"] == 1200.0
     assert document["markdown"] == text
+
+
+def test_proc_stat_totals_count_guest_time_once_and_steal_apart() -> None:
+    from bench.cpu import CpuTimes, parse_proc_stat
+
+    text = "cpu  100 5 50 800 20 3 2 40 7 0\ncpu0 50 2 25 400 10 1 1 20 3 0\nintr 12345\n"
+    assert parse_proc_stat(text) == CpuTimes(busy=160, idle=820, steal=40)
+    assert parse_proc_stat("cpu  1 2 3 4\n") == CpuTimes(busy=6, idle=4, steal=0)
+    assert parse_proc_stat("intr 1\n") is None
+
+
+def test_cpu_shares_between_readings() -> None:
+    from bench.cpu import CpuTimes, shares
+
+    before = CpuTimes(busy=100, idle=100, steal=0)
+    after = CpuTimes(busy=160, idle=120, steal=20)
+    assert shares(before, after) == (60.0, 20.0)
+    assert shares(after, after) is None
+
+
+def test_machine_table_marks_parts_with_much_stolen_time() -> None:
+    from bench.report import MachineLoad, Report, markdown
+
+    report = Report(
+        machine=[
+            MachineLoad("mariadb: bulk statements", 12.4, 71.0, 1.2),
+            MachineLoad("postgres-notify: small transactions", 30.0, 55.5, 38.0),
+            MachineLoad("pgbench", 60.0, None, None),
+        ]
+    )
+    text = markdown(report)
+    assert "| mariadb: bulk statements | 12 | 71.0 | 1.2 |" in text
+    assert "| postgres-notify: small transactions | 30 | 55.5 | **38.0** |" in text
+    assert "| pgbench | 60 |  |  |" in text
