@@ -51,3 +51,33 @@ def test_a_waiting_put_wakes_when_the_consumer_takes() -> None:
     producer.join(timeout=10)
     assert results == [True]
     assert handoff.get(5) == 2
+
+
+def test_a_waiting_get_is_woken_by_a_put_long_before_its_timeout() -> None:
+    # The put notifies only when a getter waits; a missed wake-up would leave the getter
+    # asleep for its whole 60 s timeout, and the join below would give up first.
+    handoff: Handoff[str] = Handoff(max_items=4, max_rows=10)
+    got: list[str | None] = []
+    consumer = threading.Thread(target=lambda: got.append(handoff.get(60)))
+    consumer.start()
+    while not handoff._getters and consumer.is_alive():  # bounded by the get's own timeout
+        threading.Event().wait(0.001)
+    assert handoff.put("x", 1, timeout=0)
+    consumer.join(timeout=10)
+    assert not consumer.is_alive()
+    assert got == ["x"]
+
+
+def test_a_waiting_put_is_woken_by_a_get_long_before_its_timeout() -> None:
+    handoff: Handoff[str] = Handoff(max_items=1, max_rows=10)
+    assert handoff.put("a", 1, timeout=0)
+    done: list[bool] = []
+    producer = threading.Thread(target=lambda: done.append(handoff.put("b", 1, timeout=60)))
+    producer.start()
+    while not handoff._putters and producer.is_alive():
+        threading.Event().wait(0.001)
+    assert handoff.get(0) == "a"
+    producer.join(timeout=10)
+    assert not producer.is_alive()
+    assert done == [True]
+    assert handoff.get(0) == "b"
