@@ -33,6 +33,7 @@ def mysql_options(settings: Settings) -> MySQLOptions:
 
     src = settings.source
     parts = urlsplit(src.dsn)
+    rules = compile_rules(settings)
     ssl: dict[str, Any] | None = None
     if src.ssl or src.ssl_ca or src.ssl_cert:
         ssl = {"check_hostname": src.ssl_verify}
@@ -58,7 +59,8 @@ def mysql_options(settings: Settings) -> MySQLOptions:
         connect_timeout_s=src.connect_timeout,
         ssl=ssl,
         reconnect_max_backoff_s=settings.batch.retry_max_backoff,
-        columns=compile_rules(settings).needed_columns(),
+        columns=rules.needed_columns(),
+        old_columns=rules.needed_old_columns(),
     )
 
 

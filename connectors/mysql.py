@@ -149,6 +149,9 @@ class MySQLOptions:
     # The only columns the rules read, by table (a table not named here: all of them). Row
     # images decoded on the fast path carry just these; the others are stepped over unbuilt.
     columns: Mapping[TableRef, frozenset[str]] = field(default_factory=dict)
+    # The only columns the rules read from old images (UPDATE before, DELETE); see
+    # RuleSet.needed_old_columns. A table missing here gets the columns above.
+    old_columns: Mapping[TableRef, frozenset[str]] = field(default_factory=dict)
 
 
 _FILE_INDEX_RE = re.compile(r"\.(\d+)$")
@@ -1083,8 +1086,9 @@ class _Session:
         """The fast decoder of a followed table's map (None: the library decodes its rows)."""
         ref = TableRef(table.schema, table.table)
         plan = self.plan_for(table_id, ref)
-        keep = self.source.options.columns.get(ref)
-        return compile_table(plan.table.columns, plan.converters, plan.set_columns, keep)
+        options = self.source.options
+        keep, keep_old = options.columns.get(ref), options.old_columns.get(ref)
+        return compile_table(plan.table.columns, plan.converters, plan.set_columns, keep, keep_old)
 
 
 class MySQLSource:

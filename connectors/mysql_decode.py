@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -516,11 +516,11 @@ def _image_source(
 
 def _compile_rows(
     columns: Sequence[tuple[str, Any, Reader, Convert | None]],
-    keep: frozenset[str] | None,
-    images: tuple[str, ...],
+    images: Mapping[str, frozenset[str] | None],
 ) -> RowsReader:
     """One straight-line loop that reads every row of a rows event: ``images`` names the images
-    each row has (``before``, ``after`` or both), and the rows come out as (before, after).
+    each row has (``before``, ``after`` or both) with the columns each keeps (None: all), and
+    the rows come out as (before, after).
 
     Generated once per table map and event kind: a loop over per-column reader objects, or even
     one call per image, costs a call, a tuple and a branch each, which at tens of thousands of
@@ -529,7 +529,7 @@ def _compile_rows(
     namespace: dict[str, Any] = {"from_bytes": int.from_bytes}
     lines = ["def rows(data, pos, end):", "    out = []", "    append = out.append"]
     lines.append("    while pos < end:")
-    for target in images:
+    for target, keep in images.items():
         lines.extend(f"        {line}" for line in _image_source(columns, keep, namespace, target))
     before = "before" if "before" in images else "None"
     after = "after" if "after" in images else "None"
@@ -549,14 +549,17 @@ class TableDecoder:
         self,
         columns: Sequence[tuple[str, Any, Reader, Convert | None]],
         keep: frozenset[str] | None = None,
+        keep_old: frozenset[str] | None = None,
     ) -> None:
         self._ncols = len(columns)
         self._full = b"\xff" * (self._ncols // 8) + (
             bytes([(1 << (self._ncols % 8)) - 1]) if self._ncols % 8 else b""
         )
-        self._updates = _compile_rows(columns, keep, ("before", "after"))
-        self._inserts = _compile_rows(columns, keep, ("after",))
-        self._deletes = _compile_rows(columns, keep, ("before",))
+        # Old images carry only what the rules read from them (keys, when, watch): an UPDATE of
+        # a refreshed table decodes one whole row, not two.
+        self._updates = _compile_rows(columns, {"before": keep_old, "after": keep})
+        self._inserts = _compile_rows(columns, {"after": keep})
+        self._deletes = _compile_rows(columns, {"before": keep_old})
 
     def decode(
         self, data: bytes, event_type: int, end: int
@@ -594,6 +597,7 @@ def compile_table(
     converters: Sequence[tuple[str, Convert]],
     set_columns: Sequence[str],
     keep: frozenset[str] | None = None,
+    keep_old: frozenset[str] | None = None,
 ) -> TableDecoder | None:
     """A decoder for the library's (plan-patched) columns, or None if one is not ours to read.
 
@@ -601,14 +605,18 @@ def compile_table(
     library's value, exactly as ``_Plan.convert`` does; SET columns come out of their reader
     already as the plan's sorted list. ``keep`` names the only columns the images carry (the
     rules need no others); a column outside it only has to be one we can step over.
+    ``keep_old`` does the same for the old images of updates and deletes (None: as ``keep``).
     """
     by_name = dict(converters)
     sets = set(set_columns)
-    if keep is not None and not keep <= {column.name for column in columns}:
+    names = {column.name for column in columns}
+    if keep is not None and not keep <= names:
         # A rule's column the map does not name (no column names in the binlog, or a column
         # dropped since the rules were checked): decode it all and let the rules say what is
         # missing, rather than hand them images without it.
         keep = None
+    if keep_old is None or not keep_old <= names:
+        keep_old = keep
     compiled: list[tuple[str, Any, Reader, Convert | None]] = []
     for index, column in enumerate(columns):
         name = column.name or f"UNKNOWN_COL{index}"
@@ -616,11 +624,13 @@ def compile_table(
         if reader is None:
             if keep is None or name in keep or not _skippable(column):
                 return None
+            if keep_old is None or name in keep_old:
+                return None
             reader = _unreadable
         compiled.append((name, column, reader, None if name in sets else by_name.get(name)))
     if len({entry[0] for entry in compiled}) != len(compiled):
         return None  # duplicate names: the library's dict semantics decide, leave it to them
-    return TableDecoder(compiled, keep)
+    return TableDecoder(compiled, keep, keep_old)
 
 
 def _skippable(column: Any) -> bool:

@@ -501,6 +501,25 @@ class RuleSet:
                 needed[table] = frozenset(columns)
         return needed
 
+    def needed_old_columns(self) -> dict[TableRef, frozenset[str]]:
+        """The columns the rules read from the old row image of an UPDATE or DELETE, per table.
+
+        Key template columns (to evict the old keys), ``when`` columns (to notice a row that
+        stopped matching) and ``watch`` columns (to skip an update that changed none of them):
+        a refreshed value is always the new row's. A source whose old images are complete may
+        leave every other column out of them, as it may for ``needed_columns``.
+        """
+        needed: dict[TableRef, frozenset[str]] = {}
+        for table, rules in self._by_table.items():
+            columns: set[str] = set()
+            for rule in rules:
+                for template in rule.keys:
+                    columns.update(template.columns)
+                columns.update(rule.when)
+                columns.update(rule.watch or ())
+            needed[table] = frozenset(columns)
+        return needed
+
     def rules_for(self, table: TableRef) -> list[Rule]:
         return self._by_table.get(table, [])
 

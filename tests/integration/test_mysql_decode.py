@@ -27,7 +27,7 @@ from tests.integration.test_mysql_source import (
     _transactions,
 )
 from tests.services import MariaDBServer
-from worker.events import Position, RowChange, TableRef
+from worker.events import Op, Position, RowChange, TableRef
 
 COLUMNS = """
     id INT PRIMARY KEY,
@@ -298,6 +298,36 @@ def test_projected_images_equal_the_full_images_cut_to_the_kept_columns(
                 expected = None if reference is None else {k: reference[k] for k in keep}
                 assert image == expected
                 assert _types(image) == _types(expected)
+
+
+def test_old_images_carry_only_their_own_projection(
+    mariadb: MariaDBServer,
+    every_type: tuple[list[TableRef], Position, Position],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A refresh rule stores whole new rows but reads only its key columns from the old ones:
+    # updates and deletes then decode the old image cut to those, the new image whole.
+    tables, start, end = every_type
+    full = _stream(MySQLSource(_options(mariadb, tables)), start, end)
+    assert {c.op for c in full} >= {Op.INSERT, Op.UPDATE, Op.DELETE}
+    for keep, keep_old in ((None, frozenset({"id"})), (PROJECTIONS[1], PROJECTIONS[2])):
+        decoded = _counting_decodes(monkeypatch)
+        columns = {} if keep is None else {tables[0]: keep}
+        options = _options(mariadb, tables, columns=columns, old_columns={tables[0]: keep_old})
+        projected = _stream(MySQLSource(options), start, end)
+        monkeypatch.undo()
+        assert sum(decoded) == len(projected) and 0 not in decoded, "not decoded on the fast path"
+        for cut, whole in zip(projected, full, strict=True):
+            assert (cut.op, cut.version) == (whole.op, whole.version)
+            old = None if whole.before is None else {k: whole.before[k] for k in keep_old}
+            new = whole.after
+            if new is not None and keep is not None:
+                new = {k: new[k] for k in keep}
+            assert (cut.before, cut.after) == (old, new)
+            assert (_types(cut.before), _types(cut.after)) == (_types(old), _types(new))
+    # An old-image column the map does not name: the old images fall back to the new ones'.
+    lacking = _options(mariadb, tables, old_columns={tables[0]: frozenset({"id", "gone"})})
+    assert _stream(MySQLSource(lacking), start, end) == full
 
 
 def test_a_projection_naming_a_column_the_map_lacks_decodes_every_column(

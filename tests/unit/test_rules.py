@@ -362,3 +362,17 @@ def test_plain_shortcuts_give_what_the_general_path_gives(action, fmt, max_value
                     assert r.actions_for(c) == r._general_actions(c), (op, old, new, name)
                     checked += 1
     assert checked == 2 * (12 + 12 * 12 + 12)
+
+
+def test_old_image_columns_are_keys_when_and_watch_not_stored_columns():
+    rules = RuleSet(
+        [
+            rule(keys=(KeyTemplate.parse("u:{tenant}:{id}"),), when={"active": True}),
+            rule(name="b", columns=("id", "name", "bio"), watch=frozenset({"name"})),
+            rule(name="c", table=ORDERS, keys=(KeyTemplate.parse("o:{id}"),), action="evict"),
+        ]
+    )
+    assert rules.needed_old_columns() == {
+        USERS: frozenset({"tenant", "id", "active", "name"}),
+        ORDERS: frozenset({"id"}),
+    }
