@@ -277,52 +277,47 @@ PROJECTIONS = [
 ]
 
 
+def _fast_stream(
+    mariadb: MariaDBServer,
+    every_type: tuple[list[TableRef], Position, Position],
+    monkeypatch: pytest.MonkeyPatch,
+    **overrides: Any,
+) -> list[RowChange]:
+    """The every-type range streamed with ``overrides``, all of it decoded on the fast path."""
+    tables, start, end = every_type
+    decoded = _counting_decodes(monkeypatch)
+    changes = _stream(MySQLSource(_options(mariadb, tables, **overrides)), start, end)
+    monkeypatch.undo()
+    assert sum(decoded) == len(changes) and 0 not in decoded, "not decoded on the fast path"
+    return changes
+
+
+def _cut(image: dict[str, Any] | None, keep: frozenset[str] | None) -> dict[str, Any] | None:
+    return image if image is None or keep is None else {k: image[k] for k in keep}
+
+
 def test_projected_images_equal_the_full_images_cut_to_the_kept_columns(
     mariadb: MariaDBServer,
     every_type: tuple[list[TableRef], Position, Position],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # (columns, old_columns): one projection for both images, then old images cut apart from
+    # new ones, as for a refresh rule that stores whole new rows but reads only its key
+    # columns from the old ones (updates and deletes).
     tables, start, end = every_type
     full = _stream(MySQLSource(_options(mariadb, tables)), start, end)
     assert len(full) > 400
-    for keep in PROJECTIONS:
-        assert len(keep) >= 1 and keep <= set(full[-1].before or ())
-        decoded = _counting_decodes(monkeypatch)
-        options = _options(mariadb, tables, columns={tables[0]: keep})
-        projected = _stream(MySQLSource(options), start, end)
-        monkeypatch.undo()
-        assert sum(decoded) == len(projected) and 0 not in decoded, "not decoded on the fast path"
+    assert {c.op for c in full} >= {Op.INSERT, Op.UPDATE, Op.DELETE}
+    cases = [(keep, None) for keep in PROJECTIONS]
+    cases += [(None, frozenset({"id"})), (PROJECTIONS[1], PROJECTIONS[2])]
+    for keep, keep_old in cases:
+        overrides: dict[str, Any] = {"columns": {tables[0]: keep} if keep else {}}
+        if keep_old is not None:
+            overrides["old_columns"] = {tables[0]: keep_old}
+        projected = _fast_stream(mariadb, every_type, monkeypatch, **overrides)
         for cut, whole in zip(projected, full, strict=True):
             assert (cut.op, cut.table, cut.version) == (whole.op, whole.table, whole.version)
-            for image, reference in ((cut.before, whole.before), (cut.after, whole.after)):
-                expected = None if reference is None else {k: reference[k] for k in keep}
-                assert image == expected
-                assert _types(image) == _types(expected)
-
-
-def test_old_images_carry_only_their_own_projection(
-    mariadb: MariaDBServer,
-    every_type: tuple[list[TableRef], Position, Position],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A refresh rule stores whole new rows but reads only its key columns from the old ones:
-    # updates and deletes then decode the old image cut to those, the new image whole.
-    tables, start, end = every_type
-    full = _stream(MySQLSource(_options(mariadb, tables)), start, end)
-    assert {c.op for c in full} >= {Op.INSERT, Op.UPDATE, Op.DELETE}
-    for keep, keep_old in ((None, frozenset({"id"})), (PROJECTIONS[1], PROJECTIONS[2])):
-        decoded = _counting_decodes(monkeypatch)
-        columns = {} if keep is None else {tables[0]: keep}
-        options = _options(mariadb, tables, columns=columns, old_columns={tables[0]: keep_old})
-        projected = _stream(MySQLSource(options), start, end)
-        monkeypatch.undo()
-        assert sum(decoded) == len(projected) and 0 not in decoded, "not decoded on the fast path"
-        for cut, whole in zip(projected, full, strict=True):
-            assert (cut.op, cut.version) == (whole.op, whole.version)
-            old = None if whole.before is None else {k: whole.before[k] for k in keep_old}
-            new = whole.after
-            if new is not None and keep is not None:
-                new = {k: new[k] for k in keep}
+            old, new = _cut(whole.before, keep_old or keep), _cut(whole.after, keep)
             assert (cut.before, cut.after) == (old, new)
             assert (_types(cut.before), _types(cut.after)) == (_types(old), _types(new))
     # An old-image column the map does not name: the old images fall back to the new ones'.
