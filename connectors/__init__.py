@@ -146,10 +146,8 @@ def preflight(settings: Settings) -> Callable[[Position | None], None]:
 def source_checks(settings: Settings, source: Source, rules: RuleSet) -> list[CheckResult]:
     """The source's ``check`` lines; the logical source also judges replica identity per rule."""
     if settings.source.kind == "postgres-logical":
-        from connectors.postgres_common import old_image_columns
-
         checks = getattr(source, "checks")  # noqa: B009 - the protocol's checks() takes no argument
-        result: list[CheckResult] = checks(key_columns=old_image_columns(rules.rules))
+        result: list[CheckResult] = checks(key_columns=rules.needed_old_columns(watch=False))
         return result
     return source.checks()
 

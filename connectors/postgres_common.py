@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -37,7 +38,6 @@ from worker.errors import (
 from worker.events import TableRef
 from worker.interfaces import CheckResult
 from worker.redact import redact, redact_url, url_secrets
-from worker.rules import Rule
 
 log = structlog.get_logger("cache_worker.source.postgres")
 
@@ -565,32 +565,16 @@ def replica_identity(conn: psycopg.Connection[Any], table: TableRef) -> ReplicaI
         return ReplicaIdentity(mode, frozenset(str(r[0]) for r in cur.fetchall()))
 
 
-def old_image_columns(rules: Iterable[Rule]) -> dict[TableRef, set[str]]:
-    """Per table, the columns rules read from the old row of an UPDATE/DELETE.
-
-    Key template columns (to evict the old keys) and ``when`` columns (to notice a row that
-    stopped matching): the argument ``replica_identity_checks`` wants. ``columns`` and ``watch``
-    are only read from the new row, or compared only to skip work, so they are not needed.
-    """
-    needed: dict[TableRef, set[str]] = {}
-    for rule in rules:
-        columns = needed.setdefault(rule.table, set())
-        for template in rule.keys:
-            columns.update(template.columns)
-        columns.update(rule.when)
-    return needed
-
-
 def replica_identity_checks(
     conn: psycopg.Connection[Any],
     tables: Iterable[TableRef],
-    needs_old_keys: Mapping[TableRef, set[str]] | None = None,
+    needs_old_keys: Mapping[TableRef, AbstractSet[str]] | None = None,
 ) -> list[CheckResult]:
     """One "replica identity <table>" result per table.
 
     ``needs_old_keys`` maps a table to the columns its rules must read from the *old* row image
-    of an UPDATE or DELETE (key template columns, ``when`` columns): DEFAULT identity sends only
-    the primary key, and on UPDATE only when it changed, so any other column there needs
+    of an UPDATE or DELETE (``RuleSet.needed_old_columns(watch=False)``): DEFAULT identity sends
+    only the primary key, and on UPDATE only when it changed, so any other column there needs
     ``REPLICA IDENTITY FULL`` or old keys are never evicted. Without it the identity is only
     reported. A table whose UPDATE/DELETE cannot be replicated at all (NOTHING, or DEFAULT
     without a primary key) fails either way: Postgres then rejects the application's UPDATEs
@@ -662,7 +646,6 @@ __all__ = [
     "conninfo_kwargs",
     "error_text",
     "is_undefined_object",
-    "old_image_columns",
     "qualified",
     "quoted",
     "replica_identity",

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -831,7 +832,9 @@ class PostgresLogicalSource:
 
     # -- checks ----------------------------------------------------------------------------
 
-    def checks(self, key_columns: Mapping[TableRef, set[str]] | None = None) -> list[CheckResult]:
+    def checks(
+        self, key_columns: Mapping[TableRef, AbstractSet[str]] | None = None
+    ) -> list[CheckResult]:
         """Reachability, wal_level, slot, publication, replica identity, privileges.
 
         ``key_columns``: per table, the columns its rules read from old rows (key templates,

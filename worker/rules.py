@@ -501,13 +501,15 @@ class RuleSet:
                 needed[table] = frozenset(columns)
         return needed
 
-    def needed_old_columns(self) -> dict[TableRef, frozenset[str]]:
+    def needed_old_columns(self, watch: bool = True) -> dict[TableRef, frozenset[str]]:
         """The columns the rules read from the old row image of an UPDATE or DELETE, per table.
 
         Key template columns (to evict the old keys), ``when`` columns (to notice a row that
-        stopped matching) and ``watch`` columns (to skip an update that changed none of them):
-        a refreshed value is always the new row's. A source whose old images are complete may
-        leave every other column out of them, as it may for ``needed_columns``.
+        stopped matching) and, with ``watch``, ``watch`` columns (to skip an update that changed
+        none of them): a refreshed value is always the new row's. A source whose old images are
+        complete may leave every other column out of them, as it may for ``needed_columns``.
+        Without ``watch`` it is what old images must carry for correct keys (a missing watch
+        column only costs a refresh that could have been skipped).
         """
         needed: dict[TableRef, frozenset[str]] = {}
         for table, rules in self._by_table.items():
@@ -516,7 +518,8 @@ class RuleSet:
                 for template in rule.keys:
                     columns.update(template.columns)
                 columns.update(rule.when)
-                columns.update(rule.watch or ())
+                if watch:
+                    columns.update(rule.watch or ())
             needed[table] = frozenset(columns)
         return needed
 

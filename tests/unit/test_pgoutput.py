@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from connectors.postgres_common import PostgresOptions, old_image_columns, translate_error
+from connectors.postgres_common import PostgresOptions, translate_error
 from connectors.postgres_logical import (
     PgOutputDecoder,
     ProtocolError,
@@ -30,7 +30,7 @@ from connectors.postgres_logical import (
 )
 from worker.errors import SourceError, SourceMisconfigured, SourceUnavailable
 from worker.events import UNCHANGED, Op, Position, TableRef, Transaction
-from worker.rules import KeyTemplate, Rule
+from worker.rules import KeyTemplate, Rule, RuleSet
 
 INT4, TEXT, NUMERIC = 23, 25, 1700
 ITEMS = TableRef("public", "items")
@@ -543,4 +543,7 @@ def test_old_image_columns_are_key_and_when_columns() -> None:
             "c", OTHER, (KeyTemplate.parse("o:{id}"),), columns=("id", "v"), watch=frozenset({"v"})
         ),
     ]
-    assert old_image_columns(rules) == {ITEMS: {"id", "sku", "status"}, OTHER: {"id"}}
+    assert RuleSet(rules).needed_old_columns(watch=False) == {
+        ITEMS: {"id", "sku", "status"},
+        OTHER: {"id"},
+    }
