@@ -26,7 +26,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from json.scanner import make_scanner
@@ -90,6 +91,11 @@ _WAIT_SLICE_S = 0.5
 _STANDBY_RETRY_S = 1.0
 # How long close() lets an acknowledged batch finish its DELETE and COMMIT.
 _CLOSE_GRACE_S = 2.0
+# Read-ahead (see _chain): unacknowledged batches handed over at most, and how long one
+# transaction reads on (its deletes stay uncommitted and late lower ids wait that long).
+_AHEAD = 2
+_CHAIN_READS = 100
+_CHAIN_S = 1.0
 BACKLOG_WARN_AGE_S = 60.0
 BACKLOG_WARN_FACTOR = 10
 _MAX_IDENTIFIER = 63
@@ -531,6 +537,12 @@ class _TablePlan:
 # ------------------------------------------------------------------------------------------
 
 
+def _id_array(ids: list[int]) -> str:
+    """Outbox ids as one array literal: psycopg's list dumper handles each element in Python,
+    a few percent of the consumer's time at a thousand ids per batch."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
 def _shutdown(conn: psycopg.Connection[Any]) -> None:
     # Only the socket is touched: psycopg connections are not meant to be closed from another
     # thread, while shutdown() makes the stream thread's blocked read fail at once.
@@ -682,13 +694,14 @@ class PostgresNotifySource:
         self._batch_lock_key = batch_lock_key(options.schema_name)
         self._sleep_lock_key = sleep_lock_key(options.schema_name)
         outbox = _outbox(options)
-        self._select = sql.SQL(
+        select = (
             "SELECT id, txid::text, op, table_schema, table_name, old::text, new::text, "
-            "extract(epoch FROM created_at)::float8 FROM {} ORDER BY id LIMIT %s "
+            "extract(epoch FROM created_at)::float8 FROM {} {}ORDER BY id LIMIT %s "
             "FOR UPDATE SKIP LOCKED"
-        ).format(outbox)
-        # The ids travel as one array literal: psycopg's list dumper handles each element in
-        # Python, a few percent of the consumer's time at a thousand ids per batch.
+        )
+        self._select = sql.SQL(select).format(outbox, sql.SQL(""))
+        # The next batch of a chain (see _chain): the rows after the last one read.
+        self._select_after = sql.SQL(select).format(outbox, sql.SQL("WHERE id > %s "))
         self._delete = sql.SQL("DELETE FROM {} WHERE id = ANY(%s::bigint[])").format(outbox)
         self._pending_rows = sql.SQL("SELECT EXISTS (SELECT FROM {})").format(outbox)
 
@@ -1199,7 +1212,7 @@ class PostgresNotifySource:
             try:
                 with conn.pipeline():
                     if done is not None:
-                        conn.execute(self._delete, ("{" + ",".join(map(str, done)) + "}",))
+                        conn.execute(self._delete, (_id_array(done),))
                         conn.execute("COMMIT")
                     if not closing:
                         if unlock:
@@ -1232,26 +1245,87 @@ class PostgresNotifySource:
                 yield Heartbeat(None, caught_up=True)
                 self._sleep(session, commit=True)
                 continue
+            done = yield from self._chain(session, state, rows)
+            if done is None:
+                return
+
+    def _chain(
+        self, session: _Session, state: _StreamState, rows: list[tuple[Any, ...]]
+    ) -> Generator[SourceItem, None, list[int] | None]:
+        """Hand over a batch and, while the outbox has more, the batches after it (read ahead);
+        return the ids to delete and commit once the last is acked (None: closed meanwhile).
+
+        The source used to idle while the run loop applied a batch (a fifth of a drain's wall
+        time), and the run loop while the source read the next. A full batch says more is
+        waiting, so the next one is read at once, in the same transaction (its row locks and
+        batch lock hold), at most ``_AHEAD`` unacknowledged batches in flight. Batches acked
+        meanwhile are deleted with the next read and committed when the chain ends: a crash
+        mid-chain replays them, which is harmless; losing one would not be. A chain reads ids
+        above the last one read, so a writer that committed rows with lower ids after the chain
+        began waits for the next chain, which starts from the lowest id: hence the bound on a
+        chain's length (also how long its deletes stay uncommitted).
+        """
+        conn = session.conn
+        opts = self.options
+        began = time.monotonic()
+        in_flight: deque[tuple[list[int], Position | None]] = deque()
+        deletable: list[int] = []  # acked (or irrelevant) ids, deleted with the next read
+        reads = 0
+        while True:
+            reads += 1
             session.refreshed.clear()
             items = self._transactions(session, rows, state)
-            last: Position | None = None
-            for item in items:
-                yield item
-                last = item.position
-            if last is not None:
-                # The next batch is read only once this one is acked (then deleted): the run
-                # loop must not hold it back waiting for more.
-                yield Heartbeat(None, awaiting_ack=True)
-                if not self._wait_for_ack(last):
-                    return
-            done = [row[0] for row in rows]
-            log.debug(
-                "outbox_batch_consumed",
-                rows=len(done),
-                first_id=done[0],
-                last_id=done[-1],
-                transactions=len(items),
+            yield from items
+            in_flight.append(([row[0] for row in rows], items[-1].position if items else None))
+            more = (
+                len(rows) >= opts.outbox_batch
+                and reads < _CHAIN_READS
+                and time.monotonic() - began < _CHAIN_S
             )
+            if not more or self._closing.is_set():
+                break
+            # The run loop need not wait for more: the next read takes a round trip.
+            yield Heartbeat(None, flush=True)
+            while len(in_flight) >= _AHEAD:
+                target = in_flight[0][1]
+                if target is not None and not self._wait_for_ack(target, last=False):
+                    return self._acked_ids(in_flight, deletable)
+                deletable.extend(in_flight.popleft()[0])
+            while in_flight and (in_flight[0][1] is None or self._covered(in_flight[0][1])):
+                deletable.extend(in_flight.popleft()[0])
+            with conn.pipeline():
+                if deletable:
+                    conn.execute(self._delete, (_id_array(deletable),))
+                    deletable = []
+                reading = conn.execute(self._select_after, (rows[-1][0], opts.outbox_batch))
+            rows = reading.fetchall()
+            if not rows:
+                break
+        last = next((p for _, p in reversed(in_flight) if p is not None), None)
+        if last is not None:
+            # The next batch is read only once this one is acked (then deleted): the run
+            # loop must not hold it back waiting for more.
+            yield Heartbeat(None, flush=True)
+            if not self._wait_for_ack(last):
+                return self._acked_ids(in_flight, deletable)
+        done = deletable + [i for ids, _ in in_flight for i in ids]
+        log.debug(
+            "outbox_batch_consumed",
+            rows=len(done),
+            reads=reads,
+            first_id=done[0] if done else None,
+            last_id=done[-1] if done else None,
+        )
+        return done
+
+    def _acked_ids(
+        self, in_flight: deque[tuple[list[int], Position | None]], deletable: list[int]
+    ) -> list[int] | None:
+        """On close mid-chain: the ids of the batches acked so far (None if there are none)."""
+        done = list(deletable)
+        while in_flight and (in_flight[0][1] is None or self._covered(in_flight[0][1])):
+            done.extend(in_flight.popleft()[0])
+        return done or None
 
     def _sleep(self, session: _Session, commit: bool) -> None:
         """Idle until a NOTIFY, ``poll_interval_s`` (the safety net) or close().
@@ -1317,10 +1391,16 @@ class PostgresNotifySource:
     def _covered(self, target: Position) -> bool:
         return self._acked is not None and self._acked.version >= target.version
 
-    def _wait_for_ack(self, target: Position) -> bool:
-        """Block until the run loop acked ``target`` (True) or the source closes (False)."""
+    def _wait_for_ack(self, target: Position, last: bool = True) -> bool:
+        """Block until the run loop acked ``target`` (True) or the source closes (False).
+
+        ``last``: ``target`` ends what the stream thread holds, so ``close()`` gives it time to
+        delete and commit once acked (see ``close``); a chain's earlier batches are not waited
+        for on close (a replay of them is harmless).
+        """
         with self._ack:
-            self._pending = target
+            if last:
+                self._pending = target
             while not self._covered(target):
                 if self._closing.is_set():
                     self._pending = None

@@ -132,14 +132,14 @@ class Heartbeat:
 
     ``caught_up`` says the source reached the end of the log and is idle there (burst mode stops
     on it); a heartbeat with ``caught_up=False`` only moves the checkpoint past irrelevant log.
-    ``position`` is always a transaction boundary. ``awaiting_ack`` says the source sends nothing
-    more until what it sent so far is acked, so the run loop applies its batch now instead of
-    waiting for more.
+    ``position`` is always a transaction boundary. ``flush`` says the source sends nothing more
+    for a moment (it waits for an ack, or for its next read), so the run loop applies its batch
+    now instead of waiting for more.
     """
 
     position: Position | None
     caught_up: bool = False
-    awaiting_ack: bool = False
+    flush: bool = False
 
 
 SourceItem = Transaction | Heartbeat

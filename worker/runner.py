@@ -304,9 +304,10 @@ class Runner:
                 if item.position is not None:
                     batch.position = item.position
                 batch.caught_up = item.caught_up
-                if item.awaiting_ack or item.caught_up:
-                    # Nothing more comes before this batch is applied and acked, or for now at
-                    # all: holding the batch for batch_max_delay_s would only add lag.
+                if item.flush or item.caught_up:
+                    # Nothing more comes for a moment (the source waits for an ack or reads its
+                    # next batch), or for now at all: holding the batch for batch_max_delay_s
+                    # would only add lag.
                     break
             if batch.transactions >= tx_limit or len(raw_actions) >= opts.batch_max_actions:
                 break

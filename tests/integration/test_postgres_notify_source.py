@@ -160,7 +160,7 @@ class _Streamer:
         while True:
             item = self.next(max(0.01, deadline - time.monotonic()))
             assert isinstance(item, Heartbeat), item
-            if not item.awaiting_ack:
+            if not item.flush:
                 return item
 
     def changes(self, count: int, ack: bool = True, timeout: float = 30.0) -> list[RowChange]:
@@ -928,6 +928,80 @@ def test_rows_are_deleted_only_after_ack_and_replayed_after_a_crash(
         position = Position(10**12, {"id": again[-1].version})
         second.ack(position)
         _wait_until(lambda: _outbox_count(db) == 0, "acknowledged rows deleted")
+
+
+def _insert_each(db: psycopg.Connection[Any], ids: range) -> None:
+    """One INSERT per transaction (db is autocommit)."""
+    for i in ids:
+        db.execute("INSERT INTO app.t VALUES (%s, %s, 'x')", (i, i))
+
+
+def _ids(transactions: list[Transaction]) -> list[int]:
+    return [c.after["id"] for t in transactions for c in t.changes if c.after]
+
+
+def _free_ids(db: psycopg.Connection[Any]) -> list[int]:
+    """Outbox rows nobody holds locked, by the id of the row they captured."""
+    with db.transaction():
+        rows = db.execute(
+            f"SELECT (new->>'id')::int FROM {SCHEMA}.outbox ORDER BY id FOR UPDATE SKIP LOCKED"
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def test_full_batches_are_read_ahead_two_unacked_at_most_and_deleted_when_the_chain_ends(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    _setup(postgres, pg_db)
+    _insert_each(db, range(1, 36))
+    first = _source(postgres, pg_db, outbox_batch=10)
+    streamer = _Streamer(first)
+    try:
+        # The second batch arrives without an ack of the first, the third waits for one.
+        got = [streamer.transaction() for _ in range(20)]
+        assert _ids(got) == list(range(1, 21))
+        streamer.quiet(0.5)
+        assert _free_ids(db) == list(range(21, 36))
+        first.ack(got[9].position)  # type: ignore[arg-type]
+        more = [streamer.transaction() for _ in range(10)]
+        assert _ids(more) == list(range(21, 31))
+        # The acked batch is deleted in the chain's transaction, not committed yet.
+        assert _outbox_count(db) == 35
+        assert _free_ids(db) == list(range(31, 36))
+    finally:
+        streamer.close()  # gone mid-chain: everything comes again, the acked batch included
+    assert _outbox_count(db) == 35
+
+    second = _source(postgres, pg_db, outbox_batch=10)
+    with _Streamer(second) as streamer:
+        replay = streamer.changes(35)  # acking each as it comes
+        assert [c.after["id"] for c in replay if c.after] == list(range(1, 36))
+        _wait_until(lambda: _outbox_count(db) == 0, "the chain's rows deleted")
+        streamer.heartbeat()
+
+
+def test_rows_committed_behind_a_chain_are_read_by_the_next_one(
+    postgres: PostgresServer, pg_db: str, db: psycopg.Connection[Any]
+) -> None:
+    source = _setup(postgres, pg_db, outbox_batch=10)
+    late = postgres.connect(pg_db)
+    try:
+        late.execute("BEGIN")
+        late.execute("INSERT INTO app.t VALUES (100, 100, 'late')")  # the lowest outbox id
+        _insert_each(db, range(1, 26))
+        with _Streamer(source) as streamer:
+            got = [streamer.transaction() for _ in range(20)]  # two batches, nothing acked
+            late.execute("COMMIT")  # while the chain reads ahead, above its ids
+            for tx in got:
+                assert tx.position is not None
+                source.ack(tx.position)
+            rest = streamer.changes(5)
+            assert _ids(got) + [c.after["id"] for c in rest if c.after] == list(range(1, 26))
+            # The chain ended with a short batch; the next starts from the lowest id.
+            assert [c.after for c in streamer.changes(1)] == [{"id": 100, "v": 100, "s": "late"}]
+            _wait_until(lambda: _outbox_count(db) == 0, "every row deleted")
+    finally:
+        late.close()
 
 
 def test_killed_consumer_connection_is_reconnected_and_batch_replayed(

@@ -217,7 +217,7 @@ class _AckGatedSource(MemorySource):
     def stream(self, start: Position):
         first = tx(10, ins(1))
         yield first
-        yield Heartbeat(None, awaiting_ack=True)
+        yield Heartbeat(None, flush=True)
         # Bounded: a runner that kept collecting would hold the batch for batch_max_delay_s
         # (an hour here), and this wait would give up long before.
         deadline = time.monotonic() + 20
