@@ -3,7 +3,8 @@
 One frozen record per mode, so the sections never hard-code a size and the unit tests can check
 that quick stays smaller than full in every dimension. The full sizes are the issue's: a
 100k-row table, 200k small-transaction row changes, 100k-row bulk statements, 1,000 tx/s for
-30 s of lag, a 1M-row backlog for memory, and 10 s of pgbench per variant (two rounds of 5 s).
+30 s of lag, a 1M-row backlog for memory, and 15 s of pgbench per variant (three rounds of 5 s,
+after an unmeasured 5 s warm-up).
 Quick mode shrinks all of them so the whole run fits in two minutes on two cores; its numbers
 are for smoke-testing the benchmark, not for comparisons.
 """
@@ -56,7 +57,7 @@ FULL = Sizes(
     lag_seconds=30.0,
     backlog_changes=1_000_000,
     pgbench_seconds=5,
-    pgbench_rounds=2,
+    pgbench_rounds=3,
     naive_rows=30_000,
 )
 
