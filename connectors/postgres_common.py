@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -214,8 +215,28 @@ def conninfo_kwargs(options: PostgresOptions) -> dict[str, Any]:
     return kwargs
 
 
+class _RepeatedCloseError(logging.Filter):
+    """Drops psycopg's "error ignored terminating <Pipeline>" warning.
+
+    psycopg logs it when a pipeline (or COPY) block that is already raising fails to end as
+    well: every time a source's ``close()`` shuts a session's socket under a pipeline, which a
+    postgres-notify stop nearly always does. The block's own exception reaches the source
+    either way (a reconnect, or the end of the stream), so the warning only repeats it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error ignored terminating")
+
+
+def _quiet_repeated_close_errors() -> None:
+    psycopg_log = logging.getLogger("psycopg")
+    if not any(isinstance(f, _RepeatedCloseError) for f in psycopg_log.filters):
+        psycopg_log.addFilter(_RepeatedCloseError())
+
+
 def connect(options: PostgresOptions, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     """A new connection with the session settings decoding needs; errors are translated."""
+    _quiet_repeated_close_errors()
     try:
         conn = psycopg.connect(options.dsn, autocommit=True, **conninfo_kwargs(options))
     except Exception as exc:

@@ -3,6 +3,8 @@
 JSON lines when stdout is not a terminal (or ``format = "json"``), structlog's console renderer on
 a terminal. A last-resort processor replaces any registered secret that slipped into an event
 field with ``***``, so a password cannot reach a log line even through an exception message.
+Warnings that libraries log through the standard ``logging`` module (psycopg, redis,
+mysql-replication) become ``library_log`` events in the same stream and format.
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ class SecretScrubber:
         return event_dict
 
 
+class LibraryLogHandler(logging.Handler):
+    """Hands standard-library log records to structlog as ``library_log`` events.
+
+    Without it a library's warning went to stderr as bare text through logging's last resort:
+    another stream, no fields, no secret scrubbing. The library's own text is a field.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error_class"] = type(exc).__name__
+                fields["error"] = str(exc)
+            structlog.get_logger("library").log(record.levelno, "library_log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -91,4 +112,10 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, LibraryLogHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(LibraryLogHandler())
+    # Libraries' info and debug records are their internals (psycopg logs every pipeline step).
+    root.setLevel(max(logging.WARNING, _LEVELS[level]))
     return scrubber
