@@ -1291,8 +1291,7 @@ class PostgresNotifySource:
                 if target is not None and not self._wait_for_ack(target, last=False):
                     return self._acked_ids(in_flight, deletable)
                 deletable.extend(in_flight.popleft()[0])
-            while in_flight and (in_flight[0][1] is None or self._covered(in_flight[0][1])):
-                deletable.extend(in_flight.popleft()[0])
+            self._take_acked(in_flight, deletable)
             with conn.pipeline():
                 if deletable:
                     conn.execute(self._delete, (_id_array(deletable),))
@@ -1318,13 +1317,20 @@ class PostgresNotifySource:
         )
         return done
 
+    def _take_acked(
+        self, in_flight: deque[tuple[list[int], Position | None]], into: list[int]
+    ) -> None:
+        """Move the ids of the leading batches that are acked (or hold nothing to ack) to
+        ``into``."""
+        while in_flight and (in_flight[0][1] is None or self._covered(in_flight[0][1])):
+            into.extend(in_flight.popleft()[0])
+
     def _acked_ids(
         self, in_flight: deque[tuple[list[int], Position | None]], deletable: list[int]
     ) -> list[int] | None:
         """On close mid-chain: the ids of the batches acked so far (None if there are none)."""
         done = list(deletable)
-        while in_flight and (in_flight[0][1] is None or self._covered(in_flight[0][1])):
-            done.extend(in_flight.popleft()[0])
+        self._take_acked(in_flight, done)
         return done or None
 
     def _sleep(self, session: _Session, commit: bool) -> None:
