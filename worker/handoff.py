@@ -10,7 +10,6 @@ passes when the queue is empty, so a huge chunk cannot stall the stream.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -42,15 +41,11 @@ class Handoff(Generic[_T]):
     def put(self, item: _T, rows: int, timeout: float) -> bool:
         """Append ``item`` (carrying ``rows`` rows); False if it did not fit within ``timeout``."""
         if self._full(rows):
-            deadline = time.monotonic() + timeout
             with self._changed:
                 self._putters += 1
                 try:
-                    while self._full(rows):
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            return False
-                        self._changed.wait(remaining)
+                    if not self._changed.wait_for(lambda: not self._full(rows), timeout):
+                        return False
                 finally:
                     self._putters -= 1
         self._items.append((item, rows))
@@ -65,15 +60,11 @@ class Handoff(Generic[_T]):
         if not self._items:
             if timeout <= 0:
                 return None
-            deadline = time.monotonic() + timeout
             with self._changed:
                 self._getters += 1
                 try:
-                    while not self._items:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            return None
-                        self._changed.wait(remaining)
+                    if not self._changed.wait_for(lambda: bool(self._items), timeout):
+                        return None
                 finally:
                     self._getters -= 1
         item, rows = self._items.popleft()
