@@ -217,9 +217,17 @@ def source_settings(mariadb: MariaDBServer) -> dict[str, Any]:
 
 
 def _worker_run(
-    label: str, kind: str, config: Path, log_path: Path, timeout: float, expected_rows: int
+    label: str,
+    kind: str,
+    config: Path,
+    log_path: Path,
+    timeout: float,
+    expected_rows: int,
+    redis_server: RedisServer,
 ) -> Callable[[], Result]:
-    return lambda: run_until_idle(label, kind, config, log_path, timeout, expected_rows)
+    return lambda: run_until_idle(
+        label, kind, config, log_path, timeout, expected_rows, redis_server
+    )
 
 
 def run_contenders(
@@ -250,7 +258,8 @@ def run_contenders(
                 checkpoint=make_position(rng.start_file, rng.start_pos, None),
             )
             log_path = work / f"mariadb_{kind}.{rng.start_pos}.log"
-            runs.append((label, _worker_run(label, kind, config, log_path, timeout, expected_rows)))
+            run = _worker_run(label, kind, config, log_path, timeout, expected_rows, redis_server)
+            runs.append((label, run))
         for label, run in runs:
             # Every contender starts from an empty cache so none benefits from another's keys.
             flush.flushdb()

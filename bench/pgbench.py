@@ -222,6 +222,7 @@ def run(
             work / "pgbench_notify.log",
             timeout,
             written,
+            redis_server,
         )
     finally:
         try:

@@ -184,4 +184,8 @@ class SourceBench:
             self.log(f"  {label} ...")
             self._runs += 1
             log_path = self.work / f"{self.prefix}_{kind}.{self._runs}.log"
-            into.append(run_until_idle(label, kind, config, log_path, self.timeout, expected_rows))
+            into.append(
+                run_until_idle(
+                    label, kind, config, log_path, self.timeout, expected_rows, self.redis_server
+                )
+            )

@@ -23,7 +23,9 @@ class Result:
     ``seconds`` is the interval rows/s is computed over: the reading loop for the stock readers,
     first to last Redis write (the worker's ``source_streaming`` to ``stopped`` events) for
     cache-worker, whose whole process time is ``wall_seconds``. ``kind`` (parse, naive, evict,
-    refresh) lets the targets find a contender whatever its label.
+    refresh) lets the targets find a contender whatever its label. ``redis_cpu_us_per_row`` is
+    the Redis server's CPU over the worker's whole run divided by its rows (see
+    ``bench.redis_cpu``).
     """
 
     contender: str
@@ -33,6 +35,7 @@ class Result:
     kind: str = ""
     wall_seconds: float | None = None
     peak_rss_mb: float | None = None
+    redis_cpu_us_per_row: float | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -132,17 +135,23 @@ def section_table(section: Section) -> str:
     lines = [
         f"### {section.title}",
         "",
-        "| contender | rows | seconds | rows/s | ratio to first | peak RSS MB | notes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| contender | rows | seconds | rows/s | ratio to first | peak RSS MB | "
+        "Redis CPU µs/row | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for result in section.results:
         ratio = result.rows_per_s / baseline if baseline > 0 else 0.0
         lines.append(
             f"| {result.contender} | {result.rows} | {result.seconds:.2f} | "
             f"{result.rows_per_s:,.0f} | {ratio:.2f} | {_num(result.peak_rss_mb)} | "
-            f"{result.notes} |"
+            f"{_num(result.redis_cpu_us_per_row, '.1f')} | {result.notes} |"
         )
     return "\n".join(lines)
+
+
+def _redis_cpu_note(result: Result) -> str:
+    cpu = result.redis_cpu_us_per_row
+    return "" if cpu is None else f"; Redis CPU {cpu:.1f} µs/row"
 
 
 def lag_table(results: list[LagResult]) -> str:
@@ -195,7 +204,7 @@ def pgbench_table(results: list[PgbenchResult], drain: Result | None) -> str:
             "",
             f"cache-worker (postgres-notify, json refresh) drained the outbox the runs with "
             f"our triggers left, {drain.rows} rows, at {drain.rows_per_s:,.0f} rows/s "
-            f"({drain.notes}).",
+            f"({drain.notes}{_redis_cpu_note(drain)}).",
         ]
     return "\n".join(lines)
 

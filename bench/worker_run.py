@@ -6,8 +6,9 @@ exits, reaps it with ``os.wait4`` so its own peak RSS (``ru_maxrss``) comes back
 code; ``run_until_idle`` turns one ``run --until-idle`` into a ``Result`` whose rate is rows from
 the ``stopped`` event over the time from the source connecting (``source_streaming``, or
 ``outbox_consumer`` for postgres-notify) to ``burst_complete``, i.e. first to last Redis write
-with the final checkpoint included; ``cli`` runs short commands such as ``setup`` and ``teardown``.
-``streaming_window`` is the pure part, kept separate for the unit tests.
+with the final checkpoint included (and, given the Redis server, Redis's CPU per row); ``cli``
+runs short commands such as ``setup`` and ``teardown``. ``streaming_window`` is the pure part,
+kept separate for the unit tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import redis_cpu
 from bench.report import Result
+from tests.services import RedisServer
 from worker.checkpoint import encode_checkpoint
 from worker.events import Position
 
@@ -207,9 +210,20 @@ class WorkerProcess:
 
 
 def run_until_idle(
-    label: str, kind: str, config: Path, log_path: Path, timeout: float, expected_rows: int
+    label: str,
+    kind: str,
+    config: Path,
+    log_path: Path,
+    timeout: float,
+    expected_rows: int,
+    redis_server: RedisServer | None = None,
 ) -> Result:
-    """``cache-worker run --until-idle`` to its exit, as a ``Result`` (see the module doc)."""
+    """``cache-worker run --until-idle`` to its exit, as a ``Result`` (see the module doc).
+
+    With ``redis_server`` (the one the config writes to) the result also says how much of that
+    server's CPU each row cost over the run.
+    """
+    cpu_before = redis_cpu.cpu_seconds(redis_server) if redis_server is not None else None
     worker = WorkerProcess(config, log_path, ["--until-idle"]).start()
     try:
         exited = worker.wait(timeout)
@@ -231,6 +245,7 @@ def run_until_idle(
         rows, seconds = window
     if rows != expected_rows:
         notes += f"; expected {expected_rows} rows"
+    cpu_after = redis_cpu.cpu_seconds(redis_server) if redis_server is not None else None
     return Result(
         label,
         rows,
@@ -239,6 +254,7 @@ def run_until_idle(
         kind=kind,
         wall_seconds=exited.wall_seconds,
         peak_rss_mb=exited.peak_rss_mb,
+        redis_cpu_us_per_row=redis_cpu.per_row_us(cpu_before, cpu_after, rows),
     )
 
 

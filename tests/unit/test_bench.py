@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bench import targets
+from bench import redis_cpu, targets
 from bench.lag import achieved_rate, write_paced
 from bench.pgbench import parse_pgbench
 from bench.report import (
@@ -264,13 +264,33 @@ def test_section_table_has_rates_ratio_to_first_and_rss() -> None:
         "mariadb",
         "small",
         "MariaDB small",
-        [Result("parse-only", 1000, 2.0), Result("worker", 1000, 1.0, "note", peak_rss_mb=66.6)],
+        [
+            Result("parse-only", 1000, 2.0),
+            Result("worker", 1000, 1.0, "note", peak_rss_mb=66.6, redis_cpu_us_per_row=17.94),
+        ],
     )
     table = section_table(section).splitlines()
     assert table[0] == "### MariaDB small"
-    assert table[2].startswith("| contender | rows | seconds | rows/s | ratio to first |")
-    assert table[4] == "| parse-only | 1000 | 2.00 | 500 | 1.00 |  |  |"
-    assert table[5] == "| worker | 1000 | 1.00 | 1,000 | 2.00 | 67 | note |"
+    assert table[2] == (
+        "| contender | rows | seconds | rows/s | ratio to first | peak RSS MB | "
+        "Redis CPU µs/row | notes |"
+    )
+    assert table[3].count("|") == table[2].count("|")
+    assert table[4] == "| parse-only | 1000 | 2.00 | 500 | 1.00 |  |  |  |"
+    assert table[5] == "| worker | 1000 | 1.00 | 1,000 | 2.00 | 67 | 17.9 | note |"
+
+
+def test_redis_cpu_seconds_and_per_row() -> None:
+    info = {"used_cpu_sys": 1.25, "used_cpu_user": 24.75, "used_cpu_user_children": 9.0}
+    assert redis_cpu.parse_cpu_seconds(info) == 26.0
+    assert redis_cpu.parse_cpu_seconds({"used_cpu_sys": 1.0}) is None
+    assert redis_cpu.parse_cpu_seconds({"used_cpu_sys": "x", "used_cpu_user": 1}) is None
+    assert redis_cpu.per_row_us(10.0, 13.6, 200_000) == pytest.approx(18.0)
+    # Unknown readings, no rows, or a restarted server (CPU went down) say nothing.
+    assert redis_cpu.per_row_us(None, 13.6, 200_000) is None
+    assert redis_cpu.per_row_us(10.0, None, 200_000) is None
+    assert redis_cpu.per_row_us(10.0, 13.6, 0) is None
+    assert redis_cpu.per_row_us(10.0, 9.0, 100) is None
 
 
 def _report() -> Report:
@@ -292,7 +312,9 @@ def _report() -> Report:
             PgbenchResult("naive", "naive", 500.0, 1500),
             PgbenchResult("naive, listening", "naive-listen", 400.0, 1200),
         ],
-        notify_drain=Result("drain", 2400, 2.0, kind="refresh"),
+        notify_drain=Result(
+            "drain", 2400, 2.0, "wall 3s", kind="refresh", redis_cpu_us_per_row=9.96
+        ),
     )
 
 
@@ -332,6 +354,7 @@ def test_markdown_and_json_carry_every_part(tmp_path: Path) -> None:
     for heading in ("### mariadb small", "### Lag", "### Memory", "### Postgres write cost"):
         assert heading in text
     assert "| ours | 800 | 2400 | 20% |" in text
+    assert "2400 rows, at 1,200 rows/s (wall 3s; Redis CPU 10.0 µs/row)." in text
     assert "| lag p99 on postgres-notify | <= 50 ms at 1,000 tx/s |" in text
     assert "**no**" in text and "not measured" in text and "- postgres-notify: lag" in text
 
