@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -216,20 +217,6 @@ def source_settings(mariadb: MariaDBServer) -> dict[str, Any]:
     }
 
 
-def _worker_run(
-    label: str,
-    kind: str,
-    config: Path,
-    log_path: Path,
-    timeout: float,
-    expected_rows: int,
-    redis_server: RedisServer,
-) -> Callable[[], Result]:
-    return lambda: run_until_idle(
-        label, kind, config, log_path, timeout, expected_rows, redis_server
-    )
-
-
 def run_contenders(
     mariadb: MariaDBServer,
     redis_server: RedisServer,
@@ -258,8 +245,10 @@ def run_contenders(
                 checkpoint=make_position(rng.start_file, rng.start_pos, None),
             )
             log_path = work / f"mariadb_{kind}.{rng.start_pos}.log"
-            run = _worker_run(label, kind, config, log_path, timeout, expected_rows, redis_server)
-            runs.append((label, run))
+            worker = partial(
+                run_until_idle, label, kind, config, log_path, timeout, expected_rows, redis_server
+            )
+            runs.append((label, worker))
         for label, run in runs:
             # Every contender starts from an empty cache so none benefits from another's keys.
             flush.flushdb()
