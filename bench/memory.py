@@ -58,7 +58,6 @@ def measure(
         work / "mariadb_memory.log",
         timeout,
         rows,
-        redis_server,
     )
     notes = f"{len(statements)} UPDATEs of {table_rows:,} rows; json refresh rule"
     if rows < FULL_BACKLOG:

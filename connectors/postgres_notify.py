@@ -1286,12 +1286,14 @@ class PostgresNotifySource:
                 break
             # The run loop need not wait for more: the next read takes a round trip.
             yield Heartbeat(None, flush=True)
-            while len(in_flight) >= _AHEAD:
-                target = in_flight[0][1]
-                if target is not None and not self._wait_for_ack(target, last=False):
-                    return self._acked_ids(in_flight, deletable)
-                deletable.extend(in_flight.popleft()[0])
             self._take_acked(in_flight, deletable)
+            while len(in_flight) >= _AHEAD:
+                # _take_acked left a batch at the head only if it waits for an ack.
+                target = in_flight[0][1]
+                assert target is not None
+                if not self._wait_for_ack(target, last=False):
+                    return self._acked_ids(in_flight, deletable)
+                self._take_acked(in_flight, deletable)
             with conn.pipeline():
                 if deletable:
                     conn.execute(self._delete, (_id_array(deletable),))
