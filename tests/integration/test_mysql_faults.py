@@ -50,8 +50,9 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
         worker.wait_streaming()
         sql(mariadb, mysql_db, "INSERT INTO users (id, name) VALUES (1, 'before')")
         wait_until(lambda: redis_client.get("user:1"), what="first write")
-        wait_until(lambda: json.loads(checkpoint.read_text())["pos"] > 0, what="checkpoint")
-        before_outage = checkpoint.read_text()
+        # The write is applied before it is checkpointed (up to checkpoint.interval later), and
+        # that save may land during the outage: wait for it, so only the outage's rows remain.
+        before_outage = _caught_up(checkpoint, mariadb)
 
         redis_server.stop()
         outage_began = time.monotonic()
@@ -64,7 +65,7 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
         # A ten-second outage: long enough for several backoff rounds.
         time.sleep(max(0.0, 10.0 - (time.monotonic() - outage_began)))
         assert not worker.exited(), worker.output()
-        assert checkpoint.read_text() == before_outage  # nothing applied, nothing checkpointed
+        assert _position(checkpoint) == before_outage  # nothing applied, nothing checkpointed
 
         redis_server.start()  # comes back empty: no persistence
         client = redis_server.client(decode_responses=True)
@@ -74,7 +75,7 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
             what="catch-up after outage",
         )
         assert json.loads(client.get("user:201")) == {"id": 201, "name": "n201"}
-        wait_until(lambda: checkpoint.read_text() != before_outage, what="checkpoint moves on")
+        wait_until(lambda: _position(checkpoint) != before_outage, what="checkpoint moves on")
         retries = [e for e in worker.events() if e.get("event") == "retrying"]
         assert all(e["error_class"] == "SinkUnavailable" for e in retries)
         assert len({e["backoff_s"] for e in retries}) > 1  # backoff varies (exponential, jitter)
@@ -102,7 +103,7 @@ def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
                 # The first round's row was never applied: this worker replays it first.
                 client = redis_server.client(decode_responses=True)
                 wait_until(lambda c=client: c.exists("user:0"), what="replayed first row")
-            saved = _settled(checkpoint)
+            saved = _caught_up(checkpoint, mariadb)
             redis_server.stop()
             sql(
                 mariadb,
@@ -122,7 +123,7 @@ def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
                 code = worker.wait(timeout=30)
                 assert code == 4, worker.output()  # could not apply: says so, does not hang
             assert time.monotonic() - began < 10
-            assert checkpoint.read_text() == saved
+            assert _position(checkpoint) == saved
     finally:
         redis_server.start()
         for worker in workers:
@@ -130,17 +131,30 @@ def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
                 worker.kill()
 
 
-def _settled(checkpoint: Path) -> str:
-    """The checkpoint once it stopped moving (the worker caught up with what it had)."""
-    last = checkpoint.read_text()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = checkpoint.read_text()
-        if current == last:
-            return current
-        last = current
-    raise AssertionError("the checkpoint kept moving with no writes")
+def _position(checkpoint: Path) -> dict[str, object]:
+    """The saved position, without when it was saved (a re-save of it is no advance)."""
+    saved: dict[str, object] = json.loads(checkpoint.read_text())
+    saved.pop("saved_at", None)
+    return saved
+
+
+def _caught_up(checkpoint: Path, mariadb: MariaDBServer) -> dict[str, object]:
+    """The checkpoint once it holds the server's last transaction: all of it applied and saved."""
+    conn = mariadb.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT @@gtid_binlog_pos")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    assert row is not None
+    server_gtid = row[0]
+    wait_until(
+        lambda: checkpoint.exists() and _position(checkpoint).get("gtid") == server_gtid,
+        timeout=15,
+        what=f"checkpoint at {server_gtid}",
+    )
+    return _position(checkpoint)
 
 
 def _make_certs(directory: Path) -> dict[str, Path]:
