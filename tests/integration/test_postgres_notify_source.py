@@ -36,6 +36,7 @@ from connectors.postgres_notify import (
     PostgresNotifySource,
     function_name,
     preflight,
+    sleep_lock_key,
     trigger_name,
 )
 from tests.services import PostgresServer
@@ -224,6 +225,24 @@ def _wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> 
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def _wait_asleep(db: psycopg.Connection[Any]) -> None:
+    """Until the consumer holds its sleep lock: from then on, writers with rows notify."""
+    key = sleep_lock_key(SCHEMA) & 0xFFFFFFFFFFFFFFFF  # pg_locks splits it into two oids
+    held = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND mode = 'ExclusiveLock' AND database = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database()) AND classid = %s::oid AND objid = %s::oid"
+        " AND objsubid = 1"
+    )
+    args = (key >> 32, key & 0xFFFFFFFF)
+
+    def asleep() -> bool:
+        row = db.execute(held, args).fetchone()
+        return row is not None and row[0] == 1
+
+    _wait_until(asleep, "the consumer asleep")
 
 
 def _triggers(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str]]:
@@ -790,7 +809,7 @@ def test_bulk_insert_and_delete_are_one_trigger_call_each_and_empty_ones_write_n
         with _Streamer(source) as streamer:
             changes = streamer.changes(7500)
             streamer.heartbeat()
-            time.sleep(0.3)  # the consumer sleeps: a statement with rows would notify now
+            _wait_asleep(db)  # a statement with rows would notify now
             for _ in listener.notifies(timeout=0):
                 pass
             assert _calls(db, "DELETE FROM app.t WHERE id < 0") == 1
@@ -1109,7 +1128,7 @@ def test_writers_skip_notify_while_the_consumer_is_awake_without_losing_wakeups(
         listener.execute(f"LISTEN {SCHEMA}")
         with _Streamer(source) as streamer:
             streamer.heartbeat()
-            time.sleep(0.3)  # asleep: holding the sleep lock
+            _wait_asleep(db)
             db.execute("INSERT INTO app.t VALUES (1, 1, 'wakes')")
             first = streamer.transaction(timeout=10.0)
             assert len(list(listener.notifies(timeout=2.0, stop_after=1))) == 1
