@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from worker.actions import Evict, Refresh, coalesce
+from worker.actions import CacheAction, Evict, Refresh, coalesce
 
 
-def test_coalesce_keeps_last_action_per_key_in_order_of_last_action():
-    actions = [
+def test_coalesce_keeps_last_action_per_key_in_order_of_last_action() -> None:
+    actions: list[CacheAction] = [
         Refresh("a", "1", 1000, 1),
         Refresh("b", "1", 1000, 1),
         Evict("a", version=2),
@@ -20,7 +20,7 @@ def test_coalesce_keeps_last_action_per_key_in_order_of_last_action():
     ]
 
 
-def test_coalesce_empty_and_distinct():
+def test_coalesce_empty_and_distinct() -> None:
     assert coalesce([]) == []
     distinct = [Evict(str(i)) for i in range(5)]
     assert coalesce(distinct) == distinct

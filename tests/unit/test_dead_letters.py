@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def make(
     return sink, checkpoints, store, runner
 
 
-def events(logs: list[dict[str, object]], name: str) -> list[dict[str, object]]:
+def events(logs: Sequence[Mapping[str, object]], name: str) -> list[Mapping[str, object]]:
     return [e for e in logs if e["event"] == name]
 
 

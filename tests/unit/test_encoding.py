@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import uuid
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,7 +15,7 @@ from worker import encoding
 from worker.encoding import encode_hash, encode_json, format_timedelta, scalar_text
 
 
-def test_json_encoding_is_faithful():
+def test_json_encoding_is_faithful() -> None:
     row = {
         "price": Decimal("12345678901234567890.123456"),
         "at": dt.datetime(2024, 1, 2, 3, 4, 5, 600000),
@@ -51,19 +52,19 @@ def test_json_encoding_is_faithful():
     assert "😀" in encode_json({"x": "😀"})  # UTF-8 kept, not \u-escaped
 
 
-def test_non_finite_floats_become_strings():
+def test_non_finite_floats_become_strings() -> None:
     assert json.loads(encode_json({"a": float("nan"), "b": [float("inf")]})) == {
         "a": "NaN",
         "b": ["Infinity"],
     }
 
 
-def test_timedelta_formats():
+def test_timedelta_formats() -> None:
     assert format_timedelta(dt.timedelta(hours=25, seconds=1, microseconds=5)) == "25:00:01.000005"
     assert format_timedelta(dt.timedelta(0)) == "00:00:00"
 
 
-def test_hash_encoding_omits_nulls_and_stringifies():
+def test_hash_encoding_omits_nulls_and_stringifies() -> None:
     pairs = dict(
         encode_hash(
             {
@@ -80,22 +81,22 @@ def test_hash_encoding_omits_nulls_and_stringifies():
     assert pairs == {"id": "1", "ok": "true", "d": "1.10", "j": '{"k":1}', "b": "AQ==", "s": "x"}
 
 
-def test_scalar_text_for_keys():
+def test_scalar_text_for_keys() -> None:
     assert scalar_text(42) == "42"
     assert scalar_text("ä b") == "ä b"
     assert scalar_text(dt.date(2020, 1, 1)) == "2020-01-01"
     assert scalar_text(Decimal("3.50")) == "3.50"
 
 
-def _standard(row):
+def _standard(row: dict[str, Any]) -> str:
     return json.dumps(
         row, default=encoding._json_default, ensure_ascii=False, separators=(",", ":")
     )
 
 
-def test_json_text_is_the_standard_encoders_whichever_encoder_writes_it():
+def test_json_text_is_the_standard_encoders_whichever_encoder_writes_it() -> None:
     tz = dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": 1, "name": 'é\u2028\x00"\\', "n": None, "ok": True, "big": 2**64 - 1},
         {"at": dt.datetime(1800, 1, 1, 0, 0, 0, 1, tzinfo=tz), "t": dt.time(1, 2, 3, 5)},
         {"d": dt.date(9999, 12, 31), "u": uuid.UUID(int=7), "dec": Decimal("-0.000")},
@@ -116,7 +117,7 @@ def test_json_text_is_the_standard_encoders_whichever_encoder_writes_it():
     assert encode_json({"b": 1, "a": 2}) == '{"b":1,"a":2}'
 
 
-def test_json_refusals_name_the_value_whichever_encoder_tried_first():
+def test_json_refusals_name_the_value_whichever_encoder_tried_first() -> None:
     with pytest.raises(TypeError, match="cannot encode a value of type object"):
         encode_json({"x": object()})
     # A lone surrogate cannot be UTF-8: the standard encoder still writes the text (the sink

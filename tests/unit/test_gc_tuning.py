@@ -23,7 +23,7 @@ print("ok")
 """
 
 
-def test_tuning_freezes_startup_objects_and_still_collects_new_cycles():
+def test_tuning_freezes_startup_objects_and_still_collects_new_cycles() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

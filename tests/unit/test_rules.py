@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any, cast
 
 import pytest
 
 from worker.actions import Evict, Refresh
-from worker.events import Op, RowChange, TableRef
+from worker.events import Op, Row, RowChange, TableRef
 from worker.rules import KeyTemplate, Rule, RuleSet
 
 USERS = TableRef("shop", "users")
 ORDERS = TableRef("shop", "orders")
 
 
-def change(op: Op, before=None, after=None, version=7, table=USERS) -> RowChange:
+def change(
+    op: Op,
+    before: Row | None = None,
+    after: Row | None = None,
+    version: int = 7,
+    table: TableRef = USERS,
+) -> RowChange:
     return RowChange(op, table, before, after, version)
 
 
-def rule(**kw) -> Rule:
-    defaults = dict(name="r", table=USERS, keys=(KeyTemplate.parse("user:{id}"),), jitter=0.0)
+def rule(**kw: Any) -> Rule:
+    defaults: dict[str, Any] = dict(
+        name="r", table=USERS, keys=(KeyTemplate.parse("user:{id}"),), jitter=0.0
+    )
     defaults.update(kw)
     return Rule(**defaults)
 
 
-def test_template_renders_columns_and_literal_braces():
+def test_template_renders_columns_and_literal_braces() -> None:
     t = KeyTemplate.parse("{{tenant:{tenant}}}:user:{id}")
     assert t.columns == ("tenant", "id")
     assert t.render({"tenant": "acme", "id": 42}) == "{tenant:acme}:user:42"
@@ -43,28 +52,29 @@ def test_template_renders_columns_and_literal_braces():
         "user:{id",
     ],
 )
-def test_bad_templates_are_rejected(text):
+def test_bad_templates_are_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         KeyTemplate.parse(text)
 
 
-def test_insert_refreshes_with_json_value_ttl_and_version():
+def test_insert_refreshes_with_json_value_ttl_and_version() -> None:
     r = rule(ttl_ms=60_000)
     [action] = r.actions_for(change(Op.INSERT, after={"id": 1, "name": "Ann"}))
     assert isinstance(action, Refresh)
     assert action.key == "user:1"
-    assert json.loads(action.value) == {"id": 1, "name": "Ann"}
+    # A json-format rule: the value is the JSON text (a hash rule's would be field pairs).
+    assert json.loads(cast(str, action.value)) == {"id": 1, "name": "Ann"}
     assert action.ttl_ms == 60_000
     assert action.version == 7
 
 
-def test_several_key_templates_per_rule():
+def test_several_key_templates_per_rule() -> None:
     r = rule(keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")))
     actions = r.actions_for(change(Op.INSERT, after={"id": 1, "email": "a@x"}))
     assert [a.key for a in actions] == ["user:1", "user:email:a@x"]
 
 
-def test_update_moving_key_column_evicts_old_and_refreshes_new():
+def test_update_moving_key_column_evicts_old_and_refreshes_new() -> None:
     r = rule(keys=(KeyTemplate.parse("user:email:{email}"),))
     actions = r.actions_for(
         change(Op.UPDATE, before={"id": 1, "email": "old@x"}, after={"id": 1, "email": "new@x"})
@@ -75,7 +85,7 @@ def test_update_moving_key_column_evicts_old_and_refreshes_new():
     ]
 
 
-def test_evict_rule_acts_on_old_and_new_key():
+def test_evict_rule_acts_on_old_and_new_key() -> None:
     r = rule(table=ORDERS, keys=(KeyTemplate.parse("user:{user_id}:orders"),), action="evict")
     actions = r.actions_for(
         change(Op.UPDATE, {"id": 5, "user_id": 1}, {"id": 5, "user_id": 2}, table=ORDERS)
@@ -87,12 +97,12 @@ def test_evict_rule_acts_on_old_and_new_key():
     assert same == [Evict("user:1:orders", "r", 7)]
 
 
-def test_delete_under_refresh_rule_evicts():
+def test_delete_under_refresh_rule_evicts() -> None:
     r = rule()
     assert r.actions_for(change(Op.DELETE, before={"id": 3})) == [Evict("user:3", "r", 7)]
 
 
-def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves():
+def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves() -> None:
     r = rule(watch=frozenset({"name"}))
     unwatched = change(
         Op.UPDATE, {"id": 1, "name": "a", "seen": 1}, {"id": 1, "name": "a", "seen": 2}
@@ -110,7 +120,7 @@ def test_watch_skips_updates_of_unwatched_columns_but_not_key_moves():
     assert r.actions_for(change(Op.DELETE, before={"id": 9, "name": "z"}))
 
 
-def test_when_filter_enters_and_leaves():
+def test_when_filter_enters_and_leaves() -> None:
     r = rule(when={"status": "active"})
     assert r.actions_for(change(Op.INSERT, after={"id": 1, "status": "banned"})) == []
     leave = r.actions_for(
@@ -125,7 +135,7 @@ def test_when_filter_enters_and_leaves():
     assert neither == []
 
 
-def test_when_matches_types_and_lists():
+def test_when_matches_types_and_lists() -> None:
     r = rule(when={"active": True, "tier": (1, 2), "price": 9.5})
     row = {"id": 1, "active": 1, "tier": 2, "price": Decimal("9.50")}
     assert r.passes(row)
@@ -134,7 +144,7 @@ def test_when_matches_types_and_lists():
     assert not r.passes({**row, "price": None})
 
 
-def test_columns_projection_and_hash_format():
+def test_columns_projection_and_hash_format() -> None:
     r = rule(columns=("id", "name", "gone"), format="hash")
     [action] = r.actions_for(
         change(Op.INSERT, after={"id": 1, "name": "Ann", "secret": "x", "bio": None})
@@ -143,20 +153,20 @@ def test_columns_projection_and_hash_format():
     assert action.value == (("id", "1"), ("name", "Ann"))
 
 
-def test_null_key_column_skips_that_key_only():
+def test_null_key_column_skips_that_key_only() -> None:
     r = rule(keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")))
     actions = r.actions_for(change(Op.INSERT, after={"id": 1, "email": None}))
     assert [a.key for a in actions] == ["user:1"]
 
 
-def test_ttl_jitter_only_shortens_within_bound():
+def test_ttl_jitter_only_shortens_within_bound() -> None:
     r = rule(ttl_ms=100_000, jitter=0.2)
     ttls = {r.ttl_for_write() for _ in range(200)}
     assert all(80_000 <= t <= 100_000 for t in ttls)
     assert len(ttls) > 1
 
 
-def test_ruleset_routes_by_table_and_reports_missing_columns():
+def test_ruleset_routes_by_table_and_reports_missing_columns() -> None:
     users = rule(name="u", index=0)
     orders = rule(
         name="o",
@@ -178,19 +188,19 @@ def test_ruleset_routes_by_table_and_reports_missing_columns():
     ]
 
 
-def test_truncate_produces_no_actions():
+def test_truncate_produces_no_actions() -> None:
     rs = RuleSet([rule()])
     assert rs.actions_for(change(Op.TRUNCATE)) == []
 
 
-def test_empty_rendered_key_is_skipped():
+def test_empty_rendered_key_is_skipped() -> None:
     r = rule(keys=(KeyTemplate.parse("{code}"), KeyTemplate.parse("user:{id}")))
     assert [a.key for a in r.actions_for(change(Op.INSERT, after={"id": 1, "code": ""}))] == [
         "user:1"
     ]
 
 
-def test_unchanged_toast_value_taken_from_old_image_or_evicted():
+def test_unchanged_toast_value_taken_from_old_image_or_evicted() -> None:
     from worker.events import UNCHANGED
 
     r = rule()
@@ -198,7 +208,11 @@ def test_unchanged_toast_value_taken_from_old_image_or_evicted():
         Op.UPDATE, USERS, {"id": 1, "bio": "long"}, {"id": 1, "bio": UNCHANGED}, 7, partial=True
     )
     [action] = r.actions_for(with_old)
-    assert isinstance(action, Refresh) and json.loads(action.value) == {"id": 1, "bio": "long"}
+    # json format, so the value is the JSON text.
+    assert isinstance(action, Refresh) and json.loads(cast(str, action.value)) == {
+        "id": 1,
+        "bio": "long",
+    }
 
     without_old = RowChange(
         Op.UPDATE, USERS, {"id": 1}, {"id": 1, "bio": UNCHANGED}, 7, partial=True
@@ -207,16 +221,16 @@ def test_unchanged_toast_value_taken_from_old_image_or_evicted():
     # A projection that does not store the unchanged column still refreshes.
     narrow = rule(columns=("id",))
     [action] = narrow.actions_for(without_old)
-    assert isinstance(action, Refresh) and json.loads(action.value) == {"id": 1}
+    assert isinstance(action, Refresh) and json.loads(cast(str, action.value)) == {"id": 1}
 
 
-def test_update_without_old_image_leaving_when_evicts_new_keys():
+def test_update_without_old_image_leaving_when_evicts_new_keys() -> None:
     r = rule(when={"status": "active"})
     no_old = RowChange(Op.UPDATE, USERS, None, {"id": 1, "status": "banned"}, 7)
     assert r.actions_for(no_old) == [Evict("user:1", "r", 7)]
 
 
-def test_column_dropped_by_ddl_is_warned_once(capsys):
+def test_column_dropped_by_ddl_is_warned_once(capsys: pytest.CaptureFixture[str]) -> None:
     import structlog
 
     r = rule(
@@ -231,7 +245,7 @@ def test_column_dropped_by_ddl_is_warned_once(capsys):
     assert [e["columns"] for e in missing] == [["email"], ["name"]]
 
 
-def test_needed_columns_are_what_the_rules_read_unless_one_stores_whole_rows():
+def test_needed_columns_are_what_the_rules_read_unless_one_stores_whole_rows() -> None:
     evict = rule(
         action="evict",
         keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("email:{email}")),
@@ -250,7 +264,7 @@ def test_needed_columns_are_what_the_rules_read_unless_one_stores_whole_rows():
     }
 
 
-def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns():
+def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns() -> None:
     evict = rule(action="evict", keys=(KeyTemplate.parse("user:{id}"),), when={"active": True})
     listed = rule(name="listed", columns=("id", "name"), watch=frozenset({"name"}))
     rules = RuleSet([evict, listed])
@@ -258,7 +272,7 @@ def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns():
     before = {"id": 1, "name": "a", "active": 1, "bio": "long", "avatar": b"..."}
     after = {"id": 1, "name": "b", "active": 1, "bio": "longer", "avatar": b"...."}
 
-    def cut(row):
+    def cut(row: Row) -> Row:
         return {k: v for k, v in row.items() if k in keep}
 
     for op, old, new in (
@@ -271,7 +285,7 @@ def test_rules_give_the_same_actions_on_rows_cut_to_the_needed_columns():
         assert projected == whole and whole
 
 
-def test_plain_evict_rule_evicts_every_old_and_new_key_once_in_order():
+def test_plain_evict_rule_evicts_every_old_and_new_key_once_in_order() -> None:
     r = rule(
         action="evict",
         keys=(KeyTemplate.parse("user:{id}"), KeyTemplate.parse("email:{email}")),
@@ -305,7 +319,7 @@ def test_plain_evict_rule_evicts_every_old_and_new_key_once_in_order():
     assert filtered.actions_for(change(Op.INSERT, None, {"id": 3, "active": False})) == []
 
 
-def test_plain_evict_rule_with_one_template():
+def test_plain_evict_rule_with_one_template() -> None:
     r = rule(action="evict")
     one, two = {"id": 1}, {"id": 2}
     assert r.actions_for(change(Op.INSERT, None, one)) == [Evict("user:1", "r", 7)]
@@ -334,7 +348,7 @@ def _image(value: object, name: str) -> dict[str, object] | None:
 
 
 @pytest.mark.parametrize("template", ["user:{id}", "{id}", "{{u}}:{id}:x}}"])
-def test_one_column_template_renders_like_the_general_format(template):
+def test_one_column_template_renders_like_the_general_format(template: str) -> None:
     from worker.encoding import scalar_text
 
     t = KeyTemplate.parse(template)
@@ -346,7 +360,9 @@ def test_one_column_template_renders_like_the_general_format(template):
 @pytest.mark.parametrize("action", ["evict", "refresh"])
 @pytest.mark.parametrize("fmt", ["json", "hash"])
 @pytest.mark.parametrize("max_value_bytes", [1_000, 30])
-def test_plain_shortcuts_give_what_the_general_path_gives(action, fmt, max_value_bytes):
+def test_plain_shortcuts_give_what_the_general_path_gives(
+    action: str, fmt: str, max_value_bytes: int
+) -> None:
     # The shortcuts of actions_for skip work the general path does; on every shape of change
     # they must produce exactly its actions (oversize values and unrenderable keys included).
     r = rule(action=action, format=fmt, max_value_bytes=max_value_bytes)
@@ -364,7 +380,7 @@ def test_plain_shortcuts_give_what_the_general_path_gives(action, fmt, max_value
     assert checked == 2 * (12 + 12 * 12 + 12)
 
 
-def test_old_image_columns_are_keys_when_and_watch_not_stored_columns():
+def test_old_image_columns_are_keys_when_and_watch_not_stored_columns() -> None:
     rules = RuleSet(
         [
             rule(keys=(KeyTemplate.parse("u:{tenant}:{id}"),), when={"active": True}),

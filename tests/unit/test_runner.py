@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import pytest
 
 from connectors.memory import MemoryCheckpointStore, MemorySink, MemorySource
+from worker.actions import CacheAction
 from worker.errors import ConfigError, PositionLost
-from worker.events import Heartbeat, Op, Position, RowChange, TableRef, Transaction
+from worker.events import Heartbeat, Op, Position, Row, RowChange, SourceItem, TableRef, Transaction
 from worker.rules import KeyTemplate, Rule, RuleSet
 from worker.runner import Runner, RunOptions
 
@@ -21,16 +24,18 @@ def rules() -> RuleSet:
     return RuleSet([Rule("u", USERS, (KeyTemplate.parse("user:{id}"),), jitter=0.0)])
 
 
-def tx(version: int, *rows: tuple[Op, dict | None, dict | None]) -> Transaction:
+def tx(version: int, *rows: tuple[Op, Row | None, Row | None]) -> Transaction:
     changes = [RowChange(op, USERS, before, after, version) for op, before, after in rows]
     return Transaction(changes, Position(version, {"i": version}), committed_at=time.time())
 
 
-def ins(i: int, name: str = "n") -> tuple[Op, None, dict]:
+def ins(i: int, name: str = "n") -> tuple[Op, None, Row]:
     return (Op.INSERT, None, {"id": i, "name": name})
 
 
-def make(items, **opts):
+def make(
+    items: Sequence[SourceItem], **opts: Any
+) -> tuple[MemorySource, MemorySink, MemoryCheckpointStore, Runner]:
     source = MemorySource(items, COLUMNS)
     sink = MemorySink()
     store = MemoryCheckpointStore()
@@ -38,59 +43,63 @@ def make(items, **opts):
     return source, sink, store, Runner(source, sink, store, rules(), options)
 
 
-def test_applies_until_idle_and_checkpoints_last_position():
+# `cast(Position, ...)` below: the checkpoint store and the source hold `Position | None`, and
+# these tests know a position was saved (or the attribute access fails the test, as it would).
+
+
+def test_applies_until_idle_and_checkpoints_last_position() -> None:
     source, sink, store, runner = make(
         [tx(10, ins(1)), tx(20, ins(2, "b")), tx(30, ins(1, "c"))], until_idle=True
     )
     stats = runner.run()
     assert stats.transactions == 3 and stats.rows == 3
     assert sink.values == {"user:1": '{"id":1,"name":"c"}', "user:2": '{"id":2,"name":"b"}'}
-    assert store.position.version == 30
+    assert cast(Position, store.position).version == 30
     assert source.acked[-1].version == 30
 
 
-def test_initial_position_is_saved_before_reading():
+def test_initial_position_is_saved_before_reading() -> None:
     source, _sink, store, runner = make([tx(10, ins(1))], until_idle=True)
     source.initial = Position(5, {"i": 5})
     runner.run()
     assert store.saves[0].version == 5
-    assert source.started_from.version == 5
+    assert cast(Position, source.started_from).version == 5
 
 
-def test_resumes_after_checkpoint_without_replaying_earlier():
+def test_resumes_after_checkpoint_without_replaying_earlier() -> None:
     _source, sink, store, runner = make([tx(10, ins(1)), tx(20, ins(2))], until_idle=True)
     store.position = Position(10, {"i": 10})
     runner.run()
     assert set(sink.values) == {"user:2"}
 
 
-def test_max_transactions_burst_stops_after_n():
+def test_max_transactions_burst_stops_after_n() -> None:
     _source, sink, store, runner = make([tx(v, ins(v)) for v in range(1, 11)], max_transactions=4)
     stats = runner.run()
     assert stats.transactions == 4
-    assert store.position.version == 4
+    assert cast(Position, store.position).version == 4
     assert set(sink.values) == {f"user:{i}" for i in range(1, 5)}
 
 
-def test_sink_failures_are_retried_and_never_advance_checkpoint_early():
+def test_sink_failures_are_retried_and_never_advance_checkpoint_early() -> None:
     _source, sink, store, runner = make([tx(10, ins(1))], until_idle=True)
     sink.fail_next = 3
     saves_during_failure = []
     real_apply = sink.apply
 
-    def apply(actions):
+    def apply(actions: Sequence[CacheAction]) -> None:
         saves_during_failure.append(store.position.version if store.position else None)
         real_apply(actions)
 
-    sink.apply = apply
+    sink.apply = apply  # type: ignore[method-assign]  # a spy around the double's apply
     runner.run()
     assert sink.values == {"user:1": '{"id":1,"name":"n"}'}
     # Every failed attempt saw only the initial checkpoint (version 0), never 10.
     assert saves_during_failure == [0, 0, 0, 0]
-    assert store.position.version == 10
+    assert cast(Position, store.position).version == 10
 
 
-def test_large_batch_is_coalesced_into_few_applies():
+def test_large_batch_is_coalesced_into_few_applies() -> None:
     items = [tx(v, ins(v % 3, str(v))) for v in range(1, 301)]
     _source, sink, _store, runner = make(items, until_idle=True)
     runner.run()
@@ -98,7 +107,7 @@ def test_large_batch_is_coalesced_into_few_applies():
     assert sum(len(batch) for batch in sink.applied) < 300
 
 
-def test_chunked_transaction_checkpoints_only_at_its_end():
+def test_chunked_transaction_checkpoints_only_at_its_end() -> None:
     chunk1 = Transaction([RowChange(Op.INSERT, USERS, None, {"id": 1, "name": "a"}, 50)], None)
     chunk2 = Transaction(
         [RowChange(Op.INSERT, USERS, None, {"id": 2, "name": "b"}, 50)], Position(60, {})
@@ -110,15 +119,15 @@ def test_chunked_transaction_checkpoints_only_at_its_end():
     assert [p.version for p in store.saves] == [0, 60]
 
 
-def test_heartbeat_moves_checkpoint_past_irrelevant_log():
+def test_heartbeat_moves_checkpoint_past_irrelevant_log() -> None:
     _source, _sink, store, runner = make(
         [tx(10, ins(1)), Heartbeat(Position(99, {}), caught_up=False)], until_idle=True
     )
     runner.run()
-    assert store.position.version == 99
+    assert cast(Position, store.position).version == 99
 
 
-def test_missing_column_stops_with_config_error():
+def test_missing_column_stops_with_config_error() -> None:
     source = MemorySource([], {USERS: ["id"]})
     bad = RuleSet([Rule("u", USERS, (KeyTemplate.parse("user:{uid}"),))])
     runner = Runner(source, MemorySink(), MemoryCheckpointStore(), bad, RunOptions(until_idle=True))
@@ -128,9 +137,9 @@ def test_missing_column_stops_with_config_error():
         runner.run()
 
 
-def test_fatal_source_error_applies_what_came_before_then_raises():
+def test_fatal_source_error_applies_what_came_before_then_raises() -> None:
     class FailingSource(MemorySource):
-        def stream(self, start):
+        def stream(self, start: Position) -> Iterator[SourceItem]:
             yield tx(10, ins(1))
             raise PositionLost("binlog purged")
 
@@ -140,10 +149,10 @@ def test_fatal_source_error_applies_what_came_before_then_raises():
     with pytest.raises(PositionLost):
         runner.run()
     assert "user:1" in sink.values
-    assert store.position.version == 10
+    assert cast(Position, store.position).version == 10
 
 
-def test_request_stop_finishes_batch_and_returns():
+def test_request_stop_finishes_batch_and_returns() -> None:
     source, _sink, store, runner = make([tx(10, ins(1))])
     thread = threading.Thread(target=runner.run)
     thread.start()
@@ -157,7 +166,7 @@ def test_request_stop_finishes_batch_and_returns():
     assert source._closed.is_set()
 
 
-def test_checkpoint_interval_saves_seldom_and_acks_only_what_was_saved():
+def test_checkpoint_interval_saves_seldom_and_acks_only_what_was_saved() -> None:
     # One transaction per batch, so every transaction is its own apply and its own ack.
     items = [tx(v, ins(v)) for v in range(1, 21)]
     source, sink, store, runner = make(
@@ -175,21 +184,21 @@ def test_checkpoint_interval_saves_seldom_and_acks_only_what_was_saved():
     versions = [p.version for p in store.saves]
     assert versions[-1] == 20
     assert len(versions) <= 4, versions
-    assert store.position.version == 20
+    assert cast(Position, store.position).version == 20
 
 
-def test_checkpoint_interval_zero_saves_after_every_batch():
+def test_checkpoint_interval_zero_saves_after_every_batch() -> None:
     items = [tx(v, ins(v)) for v in range(1, 6)]
     _source, _sink, store, runner = make(items, until_idle=True, batch_max_transactions=1)
     runner.run()
     assert [p.version for p in store.saves][-5:] == [1, 2, 3, 4, 5]
 
 
-def test_unsaved_position_is_saved_when_the_loop_fails():
+def test_unsaved_position_is_saved_when_the_loop_fails() -> None:
     # Applied but inside the interval when the source fails: the exit saves it, since Redis
     # has every change up to it, and never a position past what was applied.
     class FailingSource(MemorySource):
-        def stream(self, start):
+        def stream(self, start: Position) -> Iterator[SourceItem]:
             yield tx(10, ins(1))
             yield tx(20, ins(2))
             raise PositionLost("binlog purged")
@@ -203,7 +212,7 @@ def test_unsaved_position_is_saved_when_the_loop_fails():
     with pytest.raises(PositionLost):
         runner.run()
     assert set(sink.values) == {"user:1", "user:2"}
-    assert store.position.version == 20
+    assert cast(Position, store.position).version == 20
     assert [p.version for p in store.saves][-1] == 20
 
 
@@ -214,7 +223,7 @@ class _AckGatedSource(MemorySource):
         super().__init__([], COLUMNS)
         self.acked_in_time = threading.Event()
 
-    def stream(self, start: Position):
+    def stream(self, start: Position) -> Iterator[SourceItem]:
         first = tx(10, ins(1))
         yield first
         yield Heartbeat(None, flush=True)
@@ -229,11 +238,11 @@ class _AckGatedSource(MemorySource):
         self._closed.wait()
 
 
-def test_a_source_awaiting_its_ack_gets_the_batch_applied_at_once():
+def test_a_source_awaiting_its_ack_gets_the_batch_applied_at_once() -> None:
     source = _AckGatedSource()
     sink, store = MemorySink(), MemoryCheckpointStore()
     options = RunOptions(batch_max_delay_s=3600, progress_interval_s=3600, until_idle=True)
     Runner(source, sink, store, rules(), options).run()
     assert source.acked_in_time.is_set()
     assert sink.values == {"user:1": '{"id":1,"name":"n"}'}
-    assert store.position.version == 10
+    assert cast(Position, store.position).version == 10

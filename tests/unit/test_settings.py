@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from worker.errors import ConfigError
 from worker.settings import compile_rules, load_settings, parse_duration
@@ -40,7 +41,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_loads_good_config_and_compiles_rules(tmp_path):
+def test_loads_good_config_and_compiles_rules(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, GOOD))
     assert settings.name == "shop-cache"
     assert settings.checkpoint_key() == "cache-worker:checkpoint:shop-cache"
@@ -56,7 +57,9 @@ def test_loads_good_config_and_compiles_rules(tmp_path):
     assert 100_000 <= settings.server_id() < 1_000_100_000
 
 
-def test_environment_overrides_nested_fields(tmp_path, monkeypatch):
+def test_environment_overrides_nested_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CACHE_WORKER_REDIS__URL", "redis://cache.internal:6380/1")
     monkeypatch.setenv("CACHE_WORKER_BATCH__MAX_DELAY", "20ms")
     monkeypatch.setenv("CACHE_WORKER_SOURCE__PASSWORD", "envpass")
@@ -68,7 +71,9 @@ def test_environment_overrides_nested_fields(tmp_path, monkeypatch):
     assert "envpass" not in repr(settings)
 
 
-def test_password_precedence_file_then_env_then_dsn(tmp_path, monkeypatch):
+def test_password_precedence_file_then_env_then_dsn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert load_settings(write(tmp_path, GOOD)).source.resolved_password() == "dsnpass"
     secret = tmp_path / "pw"
     secret.write_text("filepass\n")
@@ -77,7 +82,7 @@ def test_password_precedence_file_then_env_then_dsn(tmp_path, monkeypatch):
     assert load_settings(write(tmp_path, GOOD)).source.resolved_password() == "filepass"
 
 
-def test_every_bad_field_is_named(tmp_path):
+def test_every_bad_field_is_named(tmp_path: Path) -> None:
     bad = GOOD.replace('ttl = "90s"', 'ttl = "soon"').replace(
         'keys = ["user:{user_id}:orders"]', 'keys = ["user:{user_id.x}:orders"]\ncolour = "red"'
     )
@@ -117,20 +122,20 @@ def test_every_bad_field_is_named(tmp_path):
         ),
     ],
 )
-def test_specific_errors(tmp_path, snippet, replacement, expected):
+def test_specific_errors(tmp_path: Path, snippet: str, replacement: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, GOOD.replace(snippet, replacement, 1)))
     assert expected in str(info.value)
 
 
-def test_missing_file_and_bad_toml(tmp_path):
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_settings(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[source\n"))
 
 
-def test_rules_required(tmp_path):
+def test_rules_required(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rules: is required"):
         load_settings(write(tmp_path, GOOD.split("[[rules]]")[0]))
 
@@ -139,17 +144,17 @@ def test_rules_required(tmp_path):
     ("text", "seconds"),
     [("5ms", 0.005), ("90s", 90), ("10m", 600), ("1h", 3600), ("1d", 86400), (3, 3)],
 )
-def test_durations(text, seconds):
+def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-def test_example_config_is_valid():
+def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config.example.toml"
     settings = load_settings(example)
     assert compile_rules(settings).rules
 
 
-def test_example_config_documents_every_field():
+def test_example_config_documents_every_field() -> None:
     import re
 
     from worker.settings import (
@@ -164,7 +169,7 @@ def test_example_config_documents_every_field():
     )
 
     text = (Path(__file__).resolve().parents[2] / "config.example.toml").read_text()
-    models = [
+    models: list[type[BaseModel]] = [
         Settings,
         SourceSettings,
         RedisSettings,

@@ -83,7 +83,8 @@ class DictCache:
     def __init__(self, data: dict[str, str | dict[str, str]] | None = None) -> None:
         self.data: dict[str, str | dict[str, str]] = dict(data or {})
         self.reads = 0
-        self.after_read: Callable[[int], None] | None = None
+        # Its result is ignored: a lambda may pop a row and return it.
+        self.after_read: Callable[[int], object] | None = None
 
     def read(self, keys: Sequence[tuple[str, Format]]) -> list[CachedValue]:
         out: list[CachedValue] = []
