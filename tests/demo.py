@@ -21,7 +21,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.services import MariaDBServer, PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / ".demo"
@@ -265,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
 
 class DemoDatabase:
     """The demo's database server with the shop schema, for MySQL or Postgres."""
+
+    mysql: MariaDBServer | None
+    postgres: PostgresServer | None
 
     def __init__(self, source: str) -> None:
         from tests.services import start_local_mariadb, start_local_postgres

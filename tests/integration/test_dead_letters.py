@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 import pytest
@@ -21,7 +22,7 @@ from connectors.redis import RedisDeadLetterStore, RedisOptions, RedisSink, conn
 from tests.integration.harness import SourceHarness
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import MariaDBServer, RedisServer
-from worker.actions import Evict, Refresh
+from worker.actions import CacheAction, Evict, Refresh
 from worker.dead_letters import DeadLetter
 from worker.errors import PartialApplyError
 from worker.keys import version_key
@@ -45,7 +46,8 @@ def source(mariadb: MariaDBServer, tmp_path: Path) -> Iterator[SourceHarness]:
 def acl_user(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[str]:
     """An ACL user that may not touch ``poison:*``; the redis:// URL that logs in as it."""
     name = f"cw_{uuid.uuid4().hex[:8]}"
-    redis_client.execute_command(
+    # redis-py leaves execute_command unannotated (here and below).
+    redis_client.execute_command(  # type: ignore[no-untyped-call]
         "ACL", "SETUSER", name, "on", f">{ACL_PASSWORD}", "+@all",
         "~user:*", "~{user:*", "~cache-worker:*",
     )  # fmt: skip
@@ -56,7 +58,7 @@ def acl_user(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[s
         )
     finally:
         # ACL users outlive FLUSHALL: the session server must not keep this one.
-        redis_client.execute_command("ACL", "DELUSER", name)
+        redis_client.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
 
 
 def _acl_name(url: str) -> str:
@@ -64,7 +66,9 @@ def _acl_name(url: str) -> str:
 
 
 def stream_entries(r: redis.Redis, key: str) -> list[dict[str, str]]:
-    return [dict(fields) for _id, fields in r.xrange(key)]
+    # A decode_responses client: ids and fields are str (and XRANGE of no stream is [], not None).
+    entries = cast(list[tuple[str, dict[str, str]]], r.xrange(key))
+    return [dict(fields) for _id, fields in entries]
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def test_sink_names_refused_actions_and_applies_the_rest(
     sink = RedisSink(client)
     try:
         unencodable = Refresh("user:bad", (("f", None),), TTL_MS, 1)  # type: ignore[arg-type]
-        actions = [
+        actions: list[CacheAction] = [
             Refresh("user:1", '{"id":1}', TTL_MS, 1),
             Refresh("poison:1", '{"id":1}', TTL_MS, 1),
             unencodable,
@@ -155,8 +159,9 @@ def test_refused_keys_are_dead_lettered_and_replayed_after_the_grant(
         worker.wait_streaming()
         source.sql("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')")
         wait_until(lambda: redis_client.xlen(stream) == 2, what="two dead letters")
-        assert json.loads(redis_client.get("user:1")) == {"id": 1, "name": "a"}
-        assert json.loads(redis_client.get("user:2")) == {"id": 2, "name": "b"}
+        # redis_client decodes responses and these keys are written: GET gives a str.
+        assert json.loads(cast(str, redis_client.get("user:1"))) == {"id": 1, "name": "a"}
+        assert json.loads(cast(str, redis_client.get("user:2"))) == {"id": 2, "name": "b"}
         entries = stream_entries(redis_client, stream)
         assert [(e["key"], e["rule"], e["action"]) for e in entries] == [
             ("poison:1", "profile", "refresh"),
@@ -194,20 +199,23 @@ def test_refused_keys_are_dead_lettered_and_replayed_after_the_grant(
     assert "0 replayed, 3 failed, 0 skipped" in again.stdout
     assert redis_client.xlen(stream) == 3
 
-    redis_client.execute_command("ACL", "SETUSER", _acl_name(acl_user), "~poison:*", "~{poison:*")
+    redis_client.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", _acl_name(acl_user), "~poison:*", "~{poison:*"
+    )
     # A change made after the grant writes poison:1 at a newer version than its dead letter.
     source.sql("UPDATE users SET name = 'newer' WHERE id = 1")
     burst = run_cli(cfg, "run", "--until-idle", "--log-format", "json")
     assert burst.returncode == 0, burst.stdout + burst.stderr
-    assert json.loads(redis_client.get("poison:1"))["name"] == "newer"
+    assert json.loads(cast(str, redis_client.get("poison:1")))["name"] == "newer"
 
     replayed = run_cli(cfg, "dlq", "replay", "--yes")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "3 replayed, 0 failed, 0 skipped" in replayed.stdout
     assert redis_client.xlen(stream) == 0
-    assert json.loads(redis_client.get("poison:1"))["name"] == "newer"  # never moved back
-    assert json.loads(redis_client.get("poison:2")) == {"id": 2, "name": "b"}
-    assert json.loads(redis_client.get("poison:3")) == {"id": 3, "name": "c"}
+    # never moved back
+    assert json.loads(cast(str, redis_client.get("poison:1")))["name"] == "newer"
+    assert json.loads(cast(str, redis_client.get("poison:2"))) == {"id": 2, "name": "b"}
+    assert json.loads(cast(str, redis_client.get("poison:3"))) == {"id": 3, "name": "c"}
     assert redis_client.get(version_key("poison:2")) is not None
     assert 0 < redis_client.pttl("poison:2") <= 3_600_000
 

@@ -17,7 +17,7 @@ import redis
 
 from tests.integration.harness import SOURCES, SourceHarness
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
-from tests.services import MariaDBServer, RedisServer, start_local_mariadb
+from tests.services import MariaDBServer, PostgresServer, RedisServer, start_local_mariadb
 
 
 @pytest.fixture(params=SOURCES)
@@ -124,7 +124,10 @@ def test_purged_binlog_exits_position_lost(
 
 
 def test_dropped_slot_exits_position_lost(
-    postgres, tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+    postgres: PostgresServer,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
 ) -> None:
     harness = SourceHarness("postgres-logical", postgres, tmp_path).create()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pymysql
@@ -106,8 +107,8 @@ def _random_row(rng: random.Random, row_id: int) -> str:
     def quoted(value: str) -> str:
         return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
-    sign = lambda: rng.choice(["", "-"])  # noqa: E731
-    frac = lambda n: f".{digits(n)}" if n else ""  # noqa: E731
+    sign: Callable[[], str] = lambda: rng.choice(["", "-"])  # noqa: E731
+    frac: Callable[[int], str] = lambda n: f".{digits(n)}" if n else ""  # noqa: E731
     year = rng.randrange(1971, 2037)
     stamp = (
         f"{year}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d} "
@@ -308,7 +309,9 @@ def test_projected_images_equal_the_full_images_cut_to_the_kept_columns(
     full = _stream(MySQLSource(_options(mariadb, tables)), start, end)
     assert len(full) > 400
     assert {c.op for c in full} >= {Op.INSERT, Op.UPDATE, Op.DELETE}
-    cases = [(keep, None) for keep in PROJECTIONS]
+    cases: list[tuple[frozenset[str] | None, frozenset[str] | None]] = [
+        (keep, None) for keep in PROJECTIONS
+    ]
     cases += [(None, frozenset({"id"})), (PROJECTIONS[1], PROJECTIONS[2])]
     for keep, keep_old in cases:
         overrides: dict[str, Any] = {"columns": {tables[0]: keep} if keep else {}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -74,8 +74,12 @@ def get_json(r: redis.Redis, key: str) -> Any:
 
 
 def test_versions_refuse_replay_of_older_values(
-    tmp_path, mariadb, shop, redis_server, redis_client
-):
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    shop: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     """Replaying the log from an old checkpoint never moves a key back in time."""
     cfg = config(
         tmp_path,
@@ -93,22 +97,29 @@ def test_versions_refuse_replay_of_older_values(
     )
     assert run_cli(cfg, "run", "--until-idle").returncode == 0  # saves the start position
     checkpoint_key = f"cache-worker:checkpoint:{shop}"
-    old_checkpoint = redis_client.get(checkpoint_key)
+    # redis_client decodes responses (str), and these keys are set: cast away bytes and None.
+    old_checkpoint = cast(str, redis_client.get(checkpoint_key))
     sql(mariadb, shop, "INSERT INTO users (id, name) VALUES (1, 'v1')")
     sql(mariadb, shop, "UPDATE users SET name = 'v2' WHERE id = 1")
     assert run_cli(cfg, "run", "--until-idle").returncode == 0
     assert get_json(redis_client, "user:1") == {"id": 1, "name": "v2"}
-    version = int(redis_client.get("{user:1}:cw:v"))
+    version = int(cast(str, redis_client.get("{user:1}:cw:v")))
 
     # Rewind the checkpoint and stop before the UPDATE: the INSERT replays with a lower version.
     redis_client.set(checkpoint_key, old_checkpoint)
     result = run_cli(cfg, "run", "--max-transactions", "1", "--log-format", "json")
     assert result.returncode == 0, result.stdout
     assert get_json(redis_client, "user:1") == {"id": 1, "name": "v2"}
-    assert int(redis_client.get("{user:1}:cw:v")) == version
+    assert int(cast(str, redis_client.get("{user:1}:cw:v"))) == version
 
 
-def test_check_passes_on_good_setup(tmp_path, mariadb, shop, redis_server, redis_client):
+def test_check_passes_on_good_setup(
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    shop: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     cfg = config(
         tmp_path,
         mariadb,
@@ -125,7 +136,13 @@ def test_check_passes_on_good_setup(tmp_path, mariadb, shop, redis_server, redis
     assert mariadb.password not in result.stdout + result.stderr
 
 
-def test_check_and_run_name_missing_columns(tmp_path, mariadb, shop, redis_server, redis_client):
+def test_check_and_run_name_missing_columns(
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    shop: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     cfg = config(
         tmp_path,
         mariadb,
@@ -147,7 +164,13 @@ def test_check_and_run_name_missing_columns(tmp_path, mariadb, shop, redis_serve
     assert expected in run.stdout
 
 
-def test_check_fails_on_missing_privileges(tmp_path, mariadb, shop, redis_server, redis_client):
+def test_check_fails_on_missing_privileges(
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    shop: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     user = f"ro_{shop[-8:]}"
     mariadb.admin_sql(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'ro-secret-pw'")
     mariadb.admin_sql(f"GRANT SELECT ON `{shop}`.* TO '{user}'@'%'")
@@ -171,7 +194,9 @@ def test_check_fails_on_missing_privileges(tmp_path, mariadb, shop, redis_server
         mariadb.admin_sql(f"DROP USER '{user}'@'%'")
 
 
-def test_check_fails_on_statement_binlog(tmp_path, redis_server, redis_client):
+def test_check_fails_on_statement_binlog(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
     from tests.services import start_local_mariadb
 
     server = start_local_mariadb(["--binlog-format=STATEMENT", "--binlog-row-image=MINIMAL"])
@@ -196,7 +221,13 @@ def test_check_fails_on_statement_binlog(tmp_path, redis_server, redis_client):
         server.close()
 
 
-def test_decimal_and_types_round_trip(tmp_path, mariadb, mysql_db, redis_server, redis_client):
+def test_decimal_and_types_round_trip(
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    mysql_db: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     sql(
         mariadb,
         mysql_db,

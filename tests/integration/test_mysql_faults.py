@@ -9,6 +9,9 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import cast
+
+import redis
 
 from tests.integration.test_mysql_end_to_end import USERS_DDL, sql
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until, write_config
@@ -40,8 +43,12 @@ def file_checkpoint(tmp_path: Path) -> str:
 
 
 def test_redis_outage_is_retried_and_never_advances_checkpoint(
-    tmp_path, mariadb, mysql_db, redis_server, redis_client
-):
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    mysql_db: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     sql(mariadb, mysql_db, USERS_DDL)
     cfg = users_config(tmp_path, mariadb, mysql_db, redis_server.url(), file_checkpoint(tmp_path))
     checkpoint = tmp_path / "checkpoint.json"
@@ -74,7 +81,8 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
             timeout=60,
             what="catch-up after outage",
         )
-        assert json.loads(client.get("user:201")) == {"id": 201, "name": "n201"}
+        # decode_responses and the key exists (waited for above): GET gives a str.
+        assert json.loads(cast(str, client.get("user:201"))) == {"id": 201, "name": "n201"}
         wait_until(lambda: _position(checkpoint) != before_outage, what="checkpoint moves on")
         retries = [e for e in worker.events() if e.get("event") == "retrying"]
         assert all(e["error_class"] == "SinkUnavailable" for e in retries)
@@ -87,12 +95,16 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
 
 
 def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
-    tmp_path, mariadb, mysql_db, redis_server, redis_client
-):
+    tmp_path: Path,
+    mariadb: MariaDBServer,
+    mysql_db: str,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+) -> None:
     sql(mariadb, mysql_db, USERS_DDL)
     cfg = users_config(tmp_path, mariadb, mysql_db, redis_server.url(), file_checkpoint(tmp_path))
     checkpoint = tmp_path / "checkpoint.json"
-    workers = []
+    workers: list[WorkerProcess] = []
     try:
         for second_signal in (False, True):
             redis_server.start()
@@ -102,7 +114,8 @@ def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
             if second_signal:
                 # The first round's row was never applied: this worker replays it first.
                 client = redis_server.client(decode_responses=True)
-                wait_until(lambda c=client: c.exists("user:0"), what="replayed first row")
+                # The default binds this round's client; mypy cannot infer such a lambda.
+                wait_until(lambda c=client: c.exists("user:0"), what="replayed first row")  # type: ignore[misc]
             saved = _caught_up(checkpoint, mariadb)
             redis_server.stop()
             sql(
@@ -110,7 +123,8 @@ def test_sigterm_during_outage_exits_within_grace_and_second_signal_at_once(
                 mysql_db,
                 f"INSERT INTO users (id, name) VALUES ({int(second_signal)}, 'x')",
             )
-            wait_until(lambda w=worker: w.has_event("retrying"), timeout=30, what="retrying")
+            # As above: the default binds this round's worker.
+            wait_until(lambda w=worker: w.has_event("retrying"), timeout=30, what="retrying")  # type: ignore[misc]
             assert worker.proc is not None
             began = time.monotonic()
             worker.proc.terminate()
@@ -216,7 +230,9 @@ def _make_certs(directory: Path) -> dict[str, Path]:
     return {"ca": ca_crt, "key": key, "crt": crt}
 
 
-def test_rediss_with_generated_certificate_and_acl_password(tmp_path, mariadb, mysql_db):
+def test_rediss_with_generated_certificate_and_acl_password(
+    tmp_path: Path, mariadb: MariaDBServer, mysql_db: str
+) -> None:
     certs = _make_certs(tmp_path)
     tls_port = free_port()
     server: RedisServer = start_local_redis(
@@ -235,7 +251,8 @@ def test_rediss_with_generated_certificate_and_acl_password(tmp_path, mariadb, m
     )
     try:
         plain = server.client(decode_responses=True)
-        plain.execute_command("ACL", "SETUSER", "cw", "on", ">tls-secret-pw", "~*", "+@all")
+        # redis-py leaves execute_command unannotated.
+        plain.execute_command("ACL", "SETUSER", "cw", "on", ">tls-secret-pw", "~*", "+@all")  # type: ignore[no-untyped-call]
         sql(mariadb, mysql_db, USERS_DDL)
         cfg = users_config(tmp_path, mariadb, mysql_db, f"rediss://cw@127.0.0.1:{tls_port}/0")
         text = cfg.read_text().replace(
@@ -249,7 +266,8 @@ def test_rediss_with_generated_certificate_and_acl_password(tmp_path, mariadb, m
             worker.wait_streaming()
             sql(mariadb, mysql_db, "INSERT INTO users (id, name) VALUES (1, 'tls')")
             wait_until(lambda: plain.get("user:1"), what="write over TLS")
-            assert json.loads(plain.get("user:1")) == {"id": 1, "name": "tls"}
+            # A decode_responses client, and the key was just written: GET gives a str.
+            assert json.loads(cast(str, plain.get("user:1"))) == {"id": 1, "name": "tls"}
             assert worker.stop() == 0
         finally:
             if not worker.exited():

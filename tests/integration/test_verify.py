@@ -118,7 +118,7 @@ def fill(source: SourceHarness) -> int:
     return 11
 
 
-RULES = [
+RULES: list[dict[str, Any]] = [
     {"name": "wide", "table": "DB.wide", "keys": ["w:{id}"]},
     {"name": "wide-hash", "table": "DB.wide", "keys": ["wh:{id}", "wn:{name}"], "format": "hash"},
     {
