@@ -97,12 +97,13 @@ def test_versions_refuse_replay_of_older_values(
     )
     assert run_cli(cfg, "run", "--until-idle").returncode == 0  # saves the start position
     checkpoint_key = f"cache-worker:checkpoint:{shop}"
-    # redis_client decodes responses (str), and these keys are set: cast away bytes and None.
-    old_checkpoint = cast(str, redis_client.get(checkpoint_key))
+    old_checkpoint = redis_client.get(checkpoint_key)
+    assert isinstance(old_checkpoint, str), "the first run saved no checkpoint"
     sql(mariadb, shop, "INSERT INTO users (id, name) VALUES (1, 'v1')")
     sql(mariadb, shop, "UPDATE users SET name = 'v2' WHERE id = 1")
     assert run_cli(cfg, "run", "--until-idle").returncode == 0
     assert get_json(redis_client, "user:1") == {"id": 1, "name": "v2"}
+    # redis_client decodes responses (str), and the run above set this key.
     version = int(cast(str, redis_client.get("{user:1}:cw:v")))
 
     # Rewind the checkpoint and stop before the UPDATE: the INSERT replays with a lower version.

@@ -230,7 +230,7 @@ def test_update_without_old_image_leaving_when_evicts_new_keys() -> None:
     assert r.actions_for(no_old) == [Evict("user:1", "r", 7)]
 
 
-def test_column_dropped_by_ddl_is_warned_once(capsys: pytest.CaptureFixture[str]) -> None:
+def test_column_dropped_by_ddl_is_warned_once() -> None:
     import structlog
 
     r = rule(
