@@ -24,8 +24,10 @@ def parse_cpu_seconds(info: Mapping[str, Any]) -> float | None:
         return None
 
 
-def cpu_seconds(redis_server: RedisServer) -> float | None:
-    """The Redis server's CPU seconds so far (None if it does not say)."""
+def cpu_seconds(redis_server: RedisServer | None) -> float | None:
+    """The Redis server's CPU seconds so far (None if it does not say, or there is no server)."""
+    if redis_server is None:
+        return None
     client = redis_server.client()
     try:
         return parse_cpu_seconds(client.info("cpu"))

@@ -223,7 +223,7 @@ def run_until_idle(
     With ``redis_server`` (the one the config writes to) the result also says how much of that
     server's CPU each row cost over the run.
     """
-    cpu_before = redis_cpu.cpu_seconds(redis_server) if redis_server is not None else None
+    cpu_before = redis_cpu.cpu_seconds(redis_server)
     worker = WorkerProcess(config, log_path, ["--until-idle"]).start()
     try:
         exited = worker.wait(timeout)
@@ -245,7 +245,7 @@ def run_until_idle(
         rows, seconds = window
     if rows != expected_rows:
         notes += f"; expected {expected_rows} rows"
-    cpu_after = redis_cpu.cpu_seconds(redis_server) if redis_server is not None else None
+    cpu_after = redis_cpu.cpu_seconds(redis_server)
     return Result(
         label,
         rows,

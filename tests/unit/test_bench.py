@@ -283,6 +283,7 @@ def test_section_table_has_rates_ratio_to_first_and_rss() -> None:
 def test_redis_cpu_seconds_and_per_row() -> None:
     info = {"used_cpu_sys": 1.25, "used_cpu_user": 24.75, "used_cpu_user_children": 9.0}
     assert redis_cpu.parse_cpu_seconds(info) == 26.0
+    assert redis_cpu.cpu_seconds(None) is None  # no server given: no reading
     assert redis_cpu.parse_cpu_seconds({"used_cpu_sys": 1.0}) is None
     assert redis_cpu.parse_cpu_seconds({"used_cpu_sys": "x", "used_cpu_user": 1}) is None
     assert redis_cpu.per_row_us(10.0, 13.6, 200_000) == pytest.approx(18.0)
