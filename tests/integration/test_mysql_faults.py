@@ -154,15 +154,7 @@ def _position(checkpoint: Path) -> dict[str, object]:
 
 def _caught_up(checkpoint: Path, mariadb: MariaDBServer) -> dict[str, object]:
     """The checkpoint once it holds the server's last transaction: all of it applied and saved."""
-    conn = mariadb.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT @@gtid_binlog_pos")
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    assert row is not None
-    server_gtid = row[0]
+    [(server_gtid,)] = mariadb.admin_sql("SELECT @@gtid_binlog_pos")
     wait_until(
         lambda: checkpoint.exists() and _position(checkpoint).get("gtid") == server_gtid,
         timeout=15,
