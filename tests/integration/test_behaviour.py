@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import random
 from decimal import Decimal
-from typing import Any
 
 import redis
 
 from tests.integration.harness import SourceHarness
+from tests.integration.redis_reads import get_json
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import RedisServer
 
@@ -30,11 +30,6 @@ def users_table(source: SourceHarness) -> None:
 
 def orders_table(source: SourceHarness) -> None:
     source.create_table("orders", "id INT PRIMARY KEY, user_id INT, total DECIMAL(10,2)")
-
-
-def get_json(r: redis.Redis, key: str) -> Any:
-    raw = r.get(key)
-    return None if raw is None else json.loads(raw)
 
 
 def test_insert_update_delete_and_key_move(

@@ -9,7 +9,6 @@ encodings and companions.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 import redis
 
 from connectors.redis import RedisOptions, RedisSink, connect
+from tests.integration.redis_reads import get_json
 from tests.services import RedisServer, free_port
 from worker.actions import Evict
 from worker.client import CacheClient
@@ -91,7 +91,7 @@ def test_miss_fills_with_ttl_then_hits(cache: CacheClient, redis_client: redis.R
         "note": None,
     }
     assert first == expected and loader.calls == 1
-    assert json.loads(str(redis_client.get("user:7"))) == expected
+    assert get_json(redis_client, "user:7") == expected
     assert TTL_MS * 0.9 - 1000 <= redis_client.pttl("user:7") <= TTL_MS
     # The lease is gone and no version was written (a missing version is the lowest).
     assert not redis_client.exists(lease_key("user:7"), version_key("user:7"))
@@ -137,7 +137,7 @@ def test_worker_refresh_after_a_fill_is_not_refused(
     sink = RedisSink(conn)
     sink.apply(RULES.rules_for(USERS)[0].actions_for(RowChange(Op.UPDATE, USERS, ROW, newer, 1)))
     assert sink.stale_refusals == 0
-    assert json.loads(str(redis_client.get("user:7")))["name"] == "new"
+    assert get_json(redis_client, "user:7")["name"] == "new"
 
 
 def test_lease_held_by_another_waits_then_loads_without_filling(

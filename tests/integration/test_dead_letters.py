@@ -20,6 +20,7 @@ import redis
 
 from connectors.redis import RedisDeadLetterStore, RedisOptions, RedisSink, connect
 from tests.integration.harness import SourceHarness
+from tests.integration.redis_reads import get_json
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until
 from tests.services import MariaDBServer, RedisServer
 from worker.actions import CacheAction, Evict, Refresh
@@ -160,8 +161,8 @@ def test_refused_keys_are_dead_lettered_and_replayed_after_the_grant(
         source.sql("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')")
         wait_until(lambda: redis_client.xlen(stream) == 2, what="two dead letters")
         # redis_client decodes responses and these keys are written: GET gives a str.
-        assert json.loads(cast(str, redis_client.get("user:1"))) == {"id": 1, "name": "a"}
-        assert json.loads(cast(str, redis_client.get("user:2"))) == {"id": 2, "name": "b"}
+        assert get_json(redis_client, "user:1") == {"id": 1, "name": "a"}
+        assert get_json(redis_client, "user:2") == {"id": 2, "name": "b"}
         entries = stream_entries(redis_client, stream)
         assert [(e["key"], e["rule"], e["action"]) for e in entries] == [
             ("poison:1", "profile", "refresh"),
@@ -206,16 +207,16 @@ def test_refused_keys_are_dead_lettered_and_replayed_after_the_grant(
     source.sql("UPDATE users SET name = 'newer' WHERE id = 1")
     burst = run_cli(cfg, "run", "--until-idle", "--log-format", "json")
     assert burst.returncode == 0, burst.stdout + burst.stderr
-    assert json.loads(cast(str, redis_client.get("poison:1")))["name"] == "newer"
+    assert get_json(redis_client, "poison:1")["name"] == "newer"
 
     replayed = run_cli(cfg, "dlq", "replay", "--yes")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "3 replayed, 0 failed, 0 skipped" in replayed.stdout
     assert redis_client.xlen(stream) == 0
     # never moved back
-    assert json.loads(cast(str, redis_client.get("poison:1")))["name"] == "newer"
-    assert json.loads(cast(str, redis_client.get("poison:2"))) == {"id": 2, "name": "b"}
-    assert json.loads(cast(str, redis_client.get("poison:3"))) == {"id": 3, "name": "c"}
+    assert get_json(redis_client, "poison:1")["name"] == "newer"
+    assert get_json(redis_client, "poison:2") == {"id": 2, "name": "b"}
+    assert get_json(redis_client, "poison:3") == {"id": 3, "name": "c"}
     assert redis_client.get(version_key("poison:2")) is not None
     assert 0 < redis_client.pttl("poison:2") <= 3_600_000
 

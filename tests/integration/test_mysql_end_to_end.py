@@ -7,7 +7,6 @@ as a child process, so exit codes and output are the production ones.
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -15,6 +14,7 @@ from typing import Any, cast
 import pytest
 import redis
 
+from tests.integration.redis_reads import get_json
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until, write_config
 from tests.services import MariaDBServer, RedisServer
 
@@ -66,11 +66,6 @@ def config(
 def shop(mariadb: MariaDBServer, mysql_db: str) -> str:
     sql(mariadb, mysql_db, USERS_DDL, ORDERS_DDL)
     return mysql_db
-
-
-def get_json(r: redis.Redis, key: str) -> Any:
-    raw = r.get(key)
-    return None if raw is None else json.loads(raw)
 
 
 def test_versions_refuse_replay_of_older_values(

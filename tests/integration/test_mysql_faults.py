@@ -9,10 +9,10 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import cast
 
 import redis
 
+from tests.integration.redis_reads import get_json
 from tests.integration.test_mysql_end_to_end import USERS_DDL, sql
 from tests.integration.worker_process import WorkerProcess, run_cli, wait_until, write_config
 from tests.services import MariaDBServer, RedisServer, free_port, start_local_redis
@@ -82,7 +82,7 @@ def test_redis_outage_is_retried_and_never_advances_checkpoint(
             what="catch-up after outage",
         )
         # decode_responses and the key exists (waited for above): GET gives a str.
-        assert json.loads(cast(str, client.get("user:201"))) == {"id": 201, "name": "n201"}
+        assert get_json(client, "user:201") == {"id": 201, "name": "n201"}
         wait_until(lambda: _position(checkpoint) != before_outage, what="checkpoint moves on")
         retries = [e for e in worker.events() if e.get("event") == "retrying"]
         assert all(e["error_class"] == "SinkUnavailable" for e in retries)
@@ -259,7 +259,7 @@ def test_rediss_with_generated_certificate_and_acl_password(
             sql(mariadb, mysql_db, "INSERT INTO users (id, name) VALUES (1, 'tls')")
             wait_until(lambda: plain.get("user:1"), what="write over TLS")
             # A decode_responses client, and the key was just written: GET gives a str.
-            assert json.loads(cast(str, plain.get("user:1"))) == {"id": 1, "name": "tls"}
+            assert get_json(plain, "user:1") == {"id": 1, "name": "tls"}
             assert worker.stop() == 0
         finally:
             if not worker.exited():

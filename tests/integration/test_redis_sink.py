@@ -7,7 +7,6 @@ The shared session server comes from the ``redis_server``/``redis_client`` fixtu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +23,7 @@ from connectors.redis import (
     connect,
     describe,
 )
+from tests.integration.redis_reads import get_json
 from tests.services import RedisServer, start_local_redis
 from worker.actions import CacheAction, Evict, Refresh
 from worker.errors import CheckpointError, ConfigError, SinkError, SinkUnavailable
@@ -75,7 +75,7 @@ def test_refresh_json_writes_value_ttl_and_version(
     sink: RedisSink, redis_client: redis.Redis
 ) -> None:
     sink.apply([refresh("user:1", 10, '{"id": 1, "name": "Ada \u2713"}')])
-    assert json.loads(str(redis_client.get("user:1"))) == {"id": 1, "name": "Ada \u2713"}
+    assert get_json(redis_client, "user:1") == {"id": 1, "name": "Ada \u2713"}
     assert redis_client.get(version_key("user:1")) == "10"
     for key in ("user:1", version_key("user:1")):
         assert 0 < redis_client.pttl(key) <= TTL_MS
@@ -487,7 +487,7 @@ def test_checkpoint_store_round_trip(client: redis.Redis, redis_client: redis.Re
     loaded = store.load()
     assert loaded == position and loaded is not None and loaded.coords == position.coords
     assert redis_client.ttl(key) == -1  # never expires
-    stored = json.loads(str(redis_client.get(key)))
+    stored = get_json(redis_client, key)
     assert "saved_at" in stored
     assert {k: v for k, v in stored.items() if k != "saved_at"} == position.to_dict()
     checkpoint = store.load_checkpoint()
