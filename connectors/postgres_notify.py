@@ -543,6 +543,26 @@ def _id_array(ids: list[int]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
+def wait_for_notify(conn: psycopg.Connection[Any], timeout_s: float) -> bool:
+    """Whether a notification came within ``timeout_s``, counting one libpq already parsed.
+
+    psycopg (3.3, both implementations) hands on the notifications libpq parsed *before* it
+    parses what a pipeline read, so one that came in with a pipeline's last results stays
+    parsed inside libpq, while ``notifies()`` waits for new bytes on the socket and never asks
+    libpq: the wakeup was lost until the poll. A NOTIFY that a writer sends as the consumer
+    takes its sleep lock arrives just so, before the pipeline's ReadyForQuery.
+    """
+    pgconn = conn.pgconn
+    parsed = False
+    while pgconn.notifies() is not None:
+        parsed = True
+    if parsed:
+        return True
+    for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+        return True
+    return False
+
+
 def _shutdown(conn: psycopg.Connection[Any]) -> None:
     # Only the socket is touched: psycopg connections are not meant to be closed from another
     # thread, while shutdown() makes the stream thread's blocked read fail at once.
@@ -1360,7 +1380,7 @@ class PostgresNotifySource:
                         return
                     continue
                 wait = 0.0
-            for _ in conn.notifies(timeout=wait, stop_after=1):
+            if wait_for_notify(conn, wait):
                 return
         if commit:
             conn.execute("COMMIT")
@@ -1525,4 +1545,5 @@ __all__: Sequence[str] = [
     "trigger_name",
     "trigger_specs",
     "trigger_sql",
+    "wait_for_notify",
 ]

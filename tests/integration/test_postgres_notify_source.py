@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import queue
 import re
+import select
 import statistics
 import threading
 import time
@@ -38,6 +39,7 @@ from connectors.postgres_notify import (
     preflight,
     sleep_lock_key,
     trigger_name,
+    wait_for_notify,
 )
 from tests.services import PostgresServer
 from worker.errors import SchemaError, SourceMisconfigured
@@ -1164,6 +1166,37 @@ def test_poll_interval_finds_rows_without_notify(
         assert [c.after for c in streamer.changes(1, timeout=5.0)] == [
             {"id": 1, "v": 1, "s": "polled"}
         ]
+
+
+def _parse_without_handing_on(
+    conn: psycopg.Connection[Any], sender: psycopg.Connection[Any]
+) -> None:
+    """Leave a NOTIFY parsed inside libpq but not handed on to psycopg, with nothing more on the
+    socket: the state a pipeline's last read can leave behind (see ``wait_for_notify``)."""
+    sender.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(SCHEMA)))
+    readable, _, _ = select.select([conn.fileno()], [], [], 10.0)
+    assert readable, "the NOTIFY never reached the listening connection"
+    conn.pgconn.consume_input()
+    conn.pgconn.is_busy()  # parses what consume_input read, the NotificationResponse included
+    assert select.select([conn.fileno()], [], [], 0.0)[0] == [], "more came than the NOTIFY"
+
+
+def test_a_notification_libpq_already_parsed_still_wakes(
+    postgres: PostgresServer, pg_db: str
+) -> None:
+    listener = postgres.connect(pg_db)
+    sender = postgres.connect(pg_db)
+    try:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(SCHEMA)))
+        _parse_without_handing_on(listener, sender)
+        # Waiting on the socket alone would time out here: nothing more arrives.
+        assert wait_for_notify(listener, 10.0)
+        assert not wait_for_notify(listener, 0.2), "the same notification woke twice"
+        sender.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(SCHEMA)))
+        assert wait_for_notify(listener, 10.0)
+    finally:
+        listener.close()
+        sender.close()
 
 
 def test_server_restart_mid_stream_loses_nothing(
