@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -27,6 +25,7 @@ from worker.logs import SecretScrubber, configure_logging
 from worker.redact import redact_url
 from worker.runner import Runner, RunOptions, describe_error
 from worker.settings import Settings, compile_rules, load_settings
+from worker.signals import StopSignals
 
 log = structlog.get_logger("cache_worker")
 
@@ -172,10 +171,10 @@ def _run(
         preflight=connectors.preflight(settings),
         dead_letters=dead_letters,
     )
-    _install_signal_handlers(runner)
     _tune_gc()
     try:
-        stats = runner.run()
+        with StopSignals(runner.request_stop, force_exit_code=int(ExitCode.INTERRUPTED)):
+            stats = runner.run()
     except CacheWorkerError as exc:
         return _fail(exc, scrubber)
     finally:
@@ -203,21 +202,6 @@ def _tune_gc() -> None:
     gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
-
-
-def _install_signal_handlers(runner: Runner) -> None:
-    def handle(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if runner.stopping:
-            # rq's cold shutdown: a second signal means "now", checkpoint or not; the
-            # checkpoint only ever trails Redis, so nothing is lost by leaving here.
-            log.warning("forced_exit", signal=name)
-            os._exit(int(ExitCode.INTERRUPTED))
-        log.info("stopping", signal=name, hint="finishing the current batch; signal again to force")
-        runner.request_stop()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
 
 
 @cli.command()
